@@ -1,0 +1,441 @@
+"""BERT for masked-language modelling, in one readable file.
+
+The module tree reproduces transformers' `BertForMaskedLM` exactly, so `state_dict()` has the same keys and
+shapes (no pooler; `cls.predictions.decoder.bias` is the same Parameter as `cls.predictions.bias`, and
+`cls.predictions.decoder.weight` is the word-embedding matrix when `tie_word_embeddings`), and a checkpoint
+loads both ways with `strict=True`.
+
+    forward(ids) = loss(head(encode(ids)))
+
+`encode` and `head` are the two seams a fast path replaces; this file is the reference (and the CPU path).
+Shapes: B batch, L sequence length, H hidden size, nh heads, D head dim, I intermediate size, V vocab size.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .config import ModelConfig
+from .errors import UserError
+
+IGNORE_INDEX = -100  # label of a position that is not predicted (HF convention)
+WEIGHTS_NAME = "model.safetensors"
+WEIGHTS_INDEX_NAME = "model.safetensors.index.json"  # sharded HF checkpoints
+LEGACY_WEIGHTS_NAME = "pytorch_model.bin"
+
+# Tied parameters: HF stores only the right-hand side, so do we (safetensors refuses shared tensors anyway).
+TIED_DECODER_WEIGHT = ("cls.predictions.decoder.weight", "bert.embeddings.word_embeddings.weight")
+TIED_DECODER_BIAS = ("cls.predictions.decoder.bias", "cls.predictions.bias")
+# Keys some BERT checkpoints carry that an MLM model does not use (pre-training heads, old persistent buffers).
+_IGNORED_PREFIXES = ("bert.pooler.", "cls.seq_relationship.")
+_IGNORED_KEYS = ("bert.embeddings.position_ids", "bert.embeddings.token_type_ids")
+
+_ACTIVATIONS = {
+    "gelu": lambda: nn.GELU(),  # erf form (BERT's)
+    "gelu_new": lambda: nn.GELU(approximate="tanh"),  # same formula as HF NewGELU
+    "gelu_pytorch_tanh": lambda: nn.GELU(approximate="tanh"),
+    "relu": lambda: nn.ReLU(),
+    "silu": lambda: nn.SiLU(),
+    "swish": lambda: nn.SiLU(),
+}
+
+
+def activation(name: str) -> nn.Module:
+    if name not in _ACTIVATIONS:
+        raise UserError(f"hidden_act={name!r} is not supported; use one of: {', '.join(_ACTIVATIONS)}")
+    return _ACTIVATIONS[name]()
+
+
+@dataclass
+class MLMOutput:
+    """`loss`: scalar fp32 mean CE over labelled positions (None without labels). `logits`: (B, L, V).
+
+    Also indexable like HF's ModelOutput: `out["loss"]`, and `out[0]` is the first field that is not None.
+    """
+    loss: torch.Tensor | None = None
+    logits: torch.Tensor | None = None
+
+    def to_tuple(self) -> tuple[torch.Tensor, ...]:
+        return tuple(v for v in (self.loss, self.logits) if v is not None)
+
+    def __getitem__(self, key: str | int) -> torch.Tensor | None:
+        if isinstance(key, str):
+            if key not in ("loss", "logits"):
+                raise KeyError(key)
+            return getattr(self, key)
+        return self.to_tuple()[key]
+
+
+def mlm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy over positions with label != -100, computed in fp32.
+
+    Differs from HF in one corner: with no labelled position HF returns NaN (0/0); this returns 0.0 (sum over
+    nothing / max(count, 1)), which still has a (zero) gradient, so a batch without predictions is harmless.
+    """
+    V = logits.shape[-1]
+    flat = logits.reshape(-1, V).float()  # (B*L, V)
+    target = labels.reshape(-1)  # (B*L,)
+    total = F.cross_entropy(flat, target, ignore_index=IGNORE_INDEX, reduction="sum")
+    count = (target != IGNORE_INDEX).sum()
+    return total / count.clamp(min=1)
+
+
+def attention_bias(key_mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    """(B, L) bool key mask (True = attend) -> (B, 1, 1, L) additive bias: 0 or the dtype's most negative value.
+
+    The finite minimum (not -inf), as HF does, keeps an all-padding row finite (uniform attention).
+    """
+    if key_mask is None:
+        return None
+    bias = torch.zeros(key_mask.shape, dtype=dtype, device=key_mask.device)  # (B, L)
+    bias = bias.masked_fill(~key_mask, torch.finfo(dtype).min)
+    return bias[:, None, None, :]  # (B, 1, 1, L)
+
+
+# ---- modules ------------------------------------------------------------------------------------------------
+
+class Embeddings(nn.Module):
+    """word + token_type + position embeddings -> LayerNorm -> dropout."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        pad = cfg.pad_token_id if cfg.pad_token_id is not None and 0 <= cfg.pad_token_id < cfg.vocab_size else None
+        self.word_embeddings = nn.Embedding(cfg.vocab_size, cfg.hidden_size, padding_idx=pad)
+        self.position_embeddings = nn.Embedding(cfg.max_position_embeddings, cfg.hidden_size)
+        self.token_type_embeddings = nn.Embedding(cfg.type_vocab_size, cfg.hidden_size)
+        self.LayerNorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.dropout = nn.Dropout(cfg.hidden_dropout_prob)
+
+    def forward(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
+        L = input_ids.shape[1]
+        positions = torch.arange(L, device=input_ids.device)  # (L,)
+        if token_type_ids is None:
+            token_type_ids = torch.zeros_like(input_ids)  # (B, L)
+        x = self.word_embeddings(input_ids) + self.token_type_embeddings(token_type_ids)  # (B, L, H)
+        x = x + self.position_embeddings(positions)  # (B, L, H) + (L, H)
+        return self.dropout(self.LayerNorm(x))  # (B, L, H)
+
+
+class SelfAttention(nn.Module):
+    """Bidirectional multi-head attention with a key-padding mask; "eager" (reference) or "sdpa"."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        H = cfg.hidden_size
+        self.n_head, self.head_dim = cfg.num_attention_heads, cfg.head_dim
+        self.scale = self.head_dim ** -0.5
+        self.query = nn.Linear(H, H)
+        self.key = nn.Linear(H, H)
+        self.value = nn.Linear(H, H)
+        self.dropout = nn.Dropout(cfg.attention_probs_dropout_prob)
+        self.attn_implementation = cfg.attn_implementation
+
+    def forward(self, x: torch.Tensor, key_mask: torch.Tensor | None = None) -> torch.Tensor:
+        B, L, H = x.shape
+        q = self.query(x).view(B, L, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, L, D)
+        k = self.key(x).view(B, L, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, L, D)
+        v = self.value(x).view(B, L, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, L, D)
+        bias = attention_bias(key_mask, q.dtype)  # (B, 1, 1, L) or None
+        if self.attn_implementation == "eager":
+            att = (q @ k.transpose(-2, -1)) * self.scale  # (B, nh, L, L)
+            if bias is not None:
+                att = att + bias  # padded keys -> ~-inf
+            att = self.dropout(att.softmax(dim=-1))  # (B, nh, L, L)
+            y = att @ v  # (B, nh, L, D)
+        else:
+            p = self.dropout.p if self.training else 0.0
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=p, scale=self.scale)  # (B, nh, L, D)
+        return y.transpose(1, 2).reshape(B, L, H)  # (B, L, H)
+
+
+class DenseResidualNorm(nn.Module):
+    """LayerNorm(dropout(dense(h)) + residual): BERT's post-LN sub-block output."""
+
+    def __init__(self, d_in: int, cfg: ModelConfig):
+        super().__init__()
+        self.dense = nn.Linear(d_in, cfg.hidden_size)
+        self.LayerNorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.dropout = nn.Dropout(cfg.hidden_dropout_prob)
+
+    def forward(self, h: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        return self.LayerNorm(self.dropout(self.dense(h)) + residual)  # (B, L, H)
+
+
+class Layer(nn.Module):
+    """One post-LN encoder block: attention sub-block, then MLP sub-block."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.attention = nn.ModuleDict({"self": SelfAttention(cfg), "output": DenseResidualNorm(cfg.hidden_size, cfg)})
+        self.intermediate = nn.ModuleDict({"dense": nn.Linear(cfg.hidden_size, cfg.intermediate_size)})
+        self.output = DenseResidualNorm(cfg.intermediate_size, cfg)
+        self.act = activation(cfg.hidden_act)  # no parameters
+
+    def forward(self, x: torch.Tensor, key_mask: torch.Tensor | None = None) -> torch.Tensor:
+        a = self.attention["self"](x, key_mask)  # (B, L, H)
+        x = self.attention["output"](a, x)  # (B, L, H)
+        h = self.act(self.intermediate["dense"](x))  # (B, L, I)
+        return self.output(h, x)  # (B, L, H)
+
+
+class PredictionHead(nn.Module):
+    """MLM head: dense -> act -> LayerNorm -> decoder (V x H, tied to the word embeddings) + bias."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.bias = nn.Parameter(torch.zeros(cfg.vocab_size))
+        self.transform = nn.ModuleDict({
+            "dense": nn.Linear(cfg.hidden_size, cfg.hidden_size),
+            "transform_act_fn": activation(cfg.hidden_act),
+            "LayerNorm": nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps),
+        })
+        self.decoder = nn.Linear(cfg.hidden_size, cfg.vocab_size)
+        self.decoder.bias = self.bias  # one Parameter under two names, as in HF
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        t = self.transform
+        h = t["LayerNorm"](t["transform_act_fn"](t["dense"](h)))  # (..., H)
+        return self.decoder(h)  # (..., V)
+
+
+class BertForMLM(nn.Module):
+    """BERT encoder + MLM head with HF `BertForMaskedLM` parameter names."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.bert = nn.ModuleDict({
+            "embeddings": Embeddings(config),
+            "encoder": nn.ModuleDict({"layer": nn.ModuleList(Layer(config) for _ in range(config.num_hidden_layers))}),
+        })
+        self.cls = nn.ModuleDict({"predictions": PredictionHead(config)})
+        self.apply(self._init_weights)
+        self.tie_weights()
+
+    # ---- parameters ------------------------------------------------------------------------------------
+    def _init_weights(self, module: nn.Module) -> None:
+        """HF BERT init: N(0, initializer_range) weights, zero biases, LayerNorm (1, 0), zero [PAD] row."""
+        std = self.config.initializer_range
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+            if module.padding_idx is not None:
+                with torch.no_grad():
+                    module.weight[module.padding_idx].zero_()
+        elif isinstance(module, nn.LayerNorm):
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)
+        elif isinstance(module, PredictionHead):
+            nn.init.zeros_(module.bias)
+
+    def tie_weights(self) -> None:
+        """Make the decoder share the word-embedding matrix (if tied) and the head bias: same Parameters."""
+        pred = self.cls["predictions"]
+        pred.decoder.bias = pred.bias
+        if self.config.tie_word_embeddings:
+            pred.decoder.weight = self.bert["embeddings"].word_embeddings.weight
+
+    def _apply(self, fn, *args, **kwargs):
+        # .to()/.half()/... may swap Parameters for new objects; re-tie afterwards.
+        super()._apply(fn, *args, **kwargs)
+        self.tie_weights()
+        return self
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        result = super().load_state_dict(state_dict, strict=strict, assign=assign)
+        self.tie_weights()  # assign=True replaces Parameters
+        return result
+
+    def num_parameters(self) -> int:
+        """Number of unique parameters (tied matrices counted once)."""
+        return sum(p.numel() for p in self.parameters())
+
+    def set_attn_implementation(self, name: str) -> None:
+        """Switch every layer between "eager" and "sdpa" (no change to the weights)."""
+        self.config = dataclasses.replace(self.config, attn_implementation=name)  # validates the name
+        for layer in self.bert["encoder"]["layer"]:
+            layer.attention["self"].attn_implementation = name
+
+    # ---- forward ---------------------------------------------------------------------------------------
+    def _check_inputs(self, input_ids, attention_mask=None, token_type_ids=None, labels=None) -> None:
+        """Validate shapes, dtypes and id ranges with clear UserErrors (one device sync)."""
+        cfg = self.config
+        if not isinstance(input_ids, torch.Tensor):
+            raise UserError(f"input_ids must be a torch.Tensor, got {type(input_ids).__name__}")
+        if input_ids.dtype.is_floating_point or input_ids.dtype.is_complex or input_ids.dtype == torch.bool:
+            raise UserError(f"input_ids must hold integer token ids, got dtype {input_ids.dtype}")
+        if input_ids.dim() != 2:
+            raise UserError(f"input_ids must be 2-D [batch, seq_len], got shape {tuple(input_ids.shape)}")
+        if input_ids.numel() == 0:
+            raise UserError(f"input_ids is empty (shape {tuple(input_ids.shape)}); pass at least one token")
+        L = input_ids.shape[1]
+        if L > cfg.max_position_embeddings:
+            raise UserError(f"sequence length {L} > max_position_embeddings {cfg.max_position_embeddings}; "
+                            f"use --seq-len <= {cfg.max_position_embeddings}")
+        shape = tuple(input_ids.shape)
+        for name, t in (("attention_mask", attention_mask), ("token_type_ids", token_type_ids), ("labels", labels)):
+            if t is None:
+                continue
+            if not isinstance(t, torch.Tensor):
+                raise UserError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+            if tuple(t.shape) != shape:
+                raise UserError(f"{name} shape {tuple(t.shape)} does not match input_ids shape {shape}")
+            if name != "attention_mask" and (t.dtype.is_floating_point or t.dtype == torch.bool):
+                raise UserError(f"{name} must be an integer tensor, got dtype {t.dtype}")
+        stats = list(torch.aminmax(input_ids))
+        if token_type_ids is not None:
+            stats += list(torch.aminmax(token_type_ids))
+        if labels is not None:
+            stats += [labels.masked_fill(labels == IGNORE_INDEX, 0).min(), labels.max()]
+        stats = torch.stack([s.to(device=input_ids.device, dtype=torch.int64) for s in stats]).tolist()  # one sync
+        lo, hi = stats[0], stats[1]
+        if hi >= cfg.vocab_size:
+            raise UserError(f"token id {hi} >= vocab_size {cfg.vocab_size}: the tokenizer does not match the model; "
+                            "use the tokenizer the model was trained with, or build the model with its vocab_size")
+        if lo < 0:
+            raise UserError(f"token id {lo} < 0: input_ids must be non-negative vocabulary indices")
+        if token_type_ids is not None:
+            tlo, thi = stats[2], stats[3]
+            if tlo < 0 or thi >= cfg.type_vocab_size:
+                bad = thi if thi >= cfg.type_vocab_size else tlo
+                raise UserError(f"token_type_id {bad} is outside [0, type_vocab_size={cfg.type_vocab_size})")
+        if labels is not None:
+            llo, lhi = stats[-2], stats[-1]
+            if llo < 0 or lhi >= cfg.vocab_size:
+                bad = lhi if lhi >= cfg.vocab_size else llo
+                raise UserError(f"label {bad} is outside [0, vocab_size={cfg.vocab_size}); "
+                                f"use {IGNORE_INDEX} for positions that are not predicted")
+
+    def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+               token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Token ids (B, L) -> final hidden states (B, L, H). No input validation (forward does it).
+
+        attention_mask (B, L): 1/True = real token, 0/False = padding (masked as a key); None = all real.
+        Hidden states at padded positions are not meaningful.
+        """
+        key_mask = None if attention_mask is None else attention_mask != 0  # (B, L) bool
+        x = self.bert["embeddings"](input_ids, token_type_ids)  # (B, L, H)
+        for layer in self.bert["encoder"]["layer"]:
+            x = layer(x, key_mask)  # (B, L, H)
+        return x
+
+    def head(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Hidden states (..., H) -> vocabulary logits (..., V)."""
+        return self.cls["predictions"](hidden)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                token_type_ids: torch.Tensor | None = None, labels: torch.Tensor | None = None) -> MLMOutput:
+        """logits = head(encode(...)); loss = mean fp32 CE over labels != -100 (0.0 if there are none)."""
+        self._check_inputs(input_ids, attention_mask, token_type_ids, labels)
+        logits = self.head(self.encode(input_ids, attention_mask, token_type_ids))  # (B, L, V)
+        loss = mlm_loss(logits, labels) if labels is not None else None
+        return MLMOutput(loss=loss, logits=logits)
+
+    # ---- checkpoints -----------------------------------------------------------------------------------
+    def save_pretrained(self, directory: str | os.PathLike, tokenizer: Any = None) -> None:
+        """Write config.json + model.safetensors (HF layout, tied keys left out as HF does); then the tokenizer.
+
+        Each file is written under a temporary name in `directory` and moved into place with os.replace.
+        """
+        from safetensors.torch import save_file
+
+        directory = os.fspath(directory)
+        os.makedirs(directory, exist_ok=True)
+        state = self.state_dict()
+        skip = {TIED_DECODER_BIAS[0]} | ({TIED_DECODER_WEIGHT[0]} if self.config.tie_word_embeddings else set())
+        tensors = {k: v.detach().contiguous().cpu() for k, v in state.items() if k not in skip}
+        tmp = tempfile.mkdtemp(prefix=".tmp-save-", dir=directory)
+        try:
+            self.config.save(tmp)
+            save_file(tensors, os.path.join(tmp, WEIGHTS_NAME), metadata={"format": "pt"})
+            for name in ("config.json", WEIGHTS_NAME):
+                os.replace(os.path.join(tmp, name), os.path.join(directory, name))
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        if tokenizer is not None:
+            tokenizer.save(directory)
+
+    @classmethod
+    def from_pretrained(cls, directory: str | os.PathLike, attn_implementation: str | None = None,
+                        map_location: str | torch.device = "cpu") -> "BertForMLM":
+        """Load a directory written by `save_pretrained` or by HF `BertForMaskedLM.save_pretrained`.
+
+        Weights are copied into a freshly built fp32 model (a bf16 file is upcast).
+        """
+        directory = os.fspath(directory)
+        if not os.path.isdir(directory):
+            raise UserError(f"{directory} is not a directory; pass a model directory (config.json + weights)")
+        config = ModelConfig.load(directory)
+        for flag in ("is_decoder", "add_cross_attention"):
+            if config.extra.get(flag):
+                raise UserError(f"{directory}/config.json has {flag}=true; only bidirectional MLM encoders load")
+        if attn_implementation is not None:
+            config = dataclasses.replace(config, attn_implementation=attn_implementation)
+        state = _read_weights(directory, map_location)
+        model = cls(config)
+        model.load_state_dict(model._match_state_dict(state, directory), strict=True)
+        return model.to(map_location)
+
+    def _match_state_dict(self, state: dict[str, torch.Tensor], source: str) -> dict[str, torch.Tensor]:
+        """Normalise a checkpoint's keys to ours; UserError naming any missing, unexpected or mis-shaped key."""
+        out = {}
+        for k, v in state.items():
+            k = k.replace("LayerNorm.gamma", "LayerNorm.weight").replace("LayerNorm.beta", "LayerNorm.bias")
+            if k in _IGNORED_KEYS or k.startswith(_IGNORED_PREFIXES):
+                continue
+            out[k] = v
+        for alias, target in (TIED_DECODER_BIAS, TIED_DECODER_WEIGHT):
+            tied = alias == TIED_DECODER_BIAS[0] or self.config.tie_word_embeddings
+            if tied and target in out:
+                out[alias] = out[target]  # the shared Parameter takes the stored (right-hand) value
+            elif tied and alias in out:
+                out[target] = out[alias]  # a checkpoint that kept only the left-hand name
+        expected = self.state_dict()
+        missing = [k for k in expected if k not in out]
+        if missing:
+            raise UserError(f"{source}: checkpoint is missing {len(missing)} key(s), first {missing[0]!r}; "
+                            "it is not a BertForMaskedLM checkpoint for this config")
+        unexpected = [k for k in out if k not in expected]
+        if unexpected:
+            raise UserError(f"{source}: checkpoint has unexpected key {unexpected[0]!r} "
+                            f"({len(unexpected)} in all); it is not a BertForMaskedLM checkpoint")
+        for k, v in out.items():
+            if tuple(v.shape) != tuple(expected[k].shape):
+                raise UserError(f"{source}: {k!r} has shape {tuple(v.shape)} in the checkpoint but "
+                                f"{tuple(expected[k].shape)} from config.json; the files do not match")
+        return out
+
+
+def _read_weights(directory: str, map_location: str | torch.device) -> dict[str, torch.Tensor]:
+    """Read model.safetensors (single or sharded) or, failing that, pytorch_model.bin (weights_only)."""
+    from safetensors.torch import load_file
+
+    device = str(map_location)
+    single = os.path.join(directory, WEIGHTS_NAME)
+    index = os.path.join(directory, WEIGHTS_INDEX_NAME)
+    legacy = os.path.join(directory, LEGACY_WEIGHTS_NAME)
+    if os.path.isfile(single):
+        return load_file(single, device=device)
+    if os.path.isfile(index):
+        with open(index) as f:
+            shards = sorted(set(json.load(f)["weight_map"].values()))
+        state: dict[str, torch.Tensor] = {}
+        for shard in shards:
+            state.update(load_file(os.path.join(directory, shard), device=device))
+        return state
+    if os.path.isfile(legacy):
+        return torch.load(legacy, map_location=map_location, weights_only=True)
+    raise UserError(f"{directory} has config.json but no weights: expected {WEIGHTS_NAME}, "
+                    f"{WEIGHTS_INDEX_NAME} or {LEGACY_WEIGHTS_NAME}")

@@ -1,0 +1,163 @@
+"""The `mlmfast` command: every subcommand works, and bad input gives one clear error line and exit status 2."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from mlmfast.cli import main
+
+TINY = ["--model", "bert-tiny", "--seq-len", "32", "--batch-size", "8", "--vocab-size", "400",
+        "--eval-every", "10", "--eval-batches", "2", "--no-progress"]
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory, corpus_file):
+    out = tmp_path_factory.mktemp("cli") / "run"
+    assert main(["train", "--data", str(corpus_file), "--out", str(out), "--max-steps", "12", *TINY]) == 0
+    return out
+
+
+def run_cli(capsys, *argv):
+    code = main(list(argv))
+    cap = capsys.readouterr()
+    return code, cap.out, cap.err
+
+
+@pytest.mark.parametrize("argv", [[], ["train"], ["eval"], ["fill"], ["tokenizer"], ["tokenizer", "train"],
+                                  ["tokenizer", "encode"], ["info"]])
+def test_help_on_every_command(argv, capsys):
+    with pytest.raises(SystemExit) as e:
+        main([*argv, "--help"])
+    assert e.value.code == 0
+    assert "usage: mlmfast" in capsys.readouterr().out
+
+
+def test_train_prints_result(trained_run):
+    assert (trained_run / "model" / "model.safetensors").is_file()
+    assert (trained_run / "loss.png").is_file()
+
+
+def test_train_output_lines(corpus_file, tmp_path, capsys):
+    code, out, _ = run_cli(capsys, "train", "--data", str(corpus_file), "--out", str(tmp_path / "r"),
+                           "--max-steps", "3", *TINY)
+    assert code == 0
+    assert "validation MLM loss:" in out and "plot:" in out and str(tmp_path / "r" / "loss.png") in out
+
+
+def test_eval_run_and_model_dir(trained_run, corpus_file, capsys):
+    code, out, _ = run_cli(capsys, "eval", str(trained_run), "--json", "--device", "cpu")
+    assert code == 0
+    r = json.loads(out)
+    assert r["val_tokens"] > 0 and 0 <= r["val_acc"] <= 1 and r["val_ppl"] > 1
+    code, out, _ = run_cli(capsys, "eval", str(trained_run / "model"), "--data", str(corpus_file),
+                           "--batches", "2", "--device", "cpu")
+    assert code == 0 and "perplexity" in out
+
+
+def test_fill(trained_run, capsys):
+    code, out, _ = run_cli(capsys, "fill", str(trained_run), "the [MASK] of the function is [MASK].",
+                           "--top-k", "3", "--json", "--device", "cpu")
+    assert code == 0
+    preds = json.loads(out)
+    assert len(preds) == 2
+    for p in preds:
+        assert len(p["candidates"]) == 3
+        probs = [c["prob"] for c in p["candidates"]]
+        assert probs == sorted(probs, reverse=True) and 0 < sum(probs) <= 1 + 1e-6
+
+
+def test_tokenizer_train_and_encode(corpus_file, tmp_path, capsys):
+    out_dir = tmp_path / "tok"
+    code, out, _ = run_cli(capsys, "tokenizer", "train", "--data", str(corpus_file), "--out", str(out_dir),
+                           "--vocab-size", "300")
+    assert code == 0 and (out_dir / "tokenizer.json").is_file() and (out_dir / "vocab.txt").is_file()
+    code, out, _ = run_cli(capsys, "tokenizer", "encode", str(out_dir), "Hello world", "--json")
+    r = json.loads(out)
+    assert r["tokens"][0] == "[CLS]" and r["tokens"][-1] == "[SEP]" and len(r["ids"]) == len(r["tokens"])
+
+
+def test_info(capsys):
+    code, out, _ = run_cli(capsys, "info", "--json")
+    assert code == 0
+    r = json.loads(out)
+    assert r["torch"] and r["device"] and isinstance(r["ops"], list)
+    for op in r["ops"]:  # every op names its active implementation and, when the fast one is off, why
+        assert op["active"] and (op["reason"] is None or op["reason"].strip())
+    code, out, _ = run_cli(capsys, "info")
+    assert code == 0 and "torch" in out
+
+
+def _assert_one_line_error(code, err, needle):
+    assert code == 2
+    lines = [l for l in err.strip().splitlines() if l.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    assert needle in lines[0], err
+    assert "Traceback" not in err
+
+
+@pytest.mark.parametrize("extra, needle", [
+    (["--mlm-probability", "1.5"], "mlm_probability"),
+    (["--mlm-probability", "0"], "mlm_probability"),
+    (["--mask-replace-prob", "0.9", "--random-replace-prob", "0.2"], "> 1"),
+])
+def test_bad_masking_probabilities(extra, needle, corpus_file, tmp_path, capsys):
+    code, _, err = run_cli(capsys, "train", "--data", str(corpus_file), "--out", str(tmp_path / "r"), *TINY, *extra)
+    _assert_one_line_error(code, err, needle)
+
+
+def test_missing_and_empty_corpus(tmp_path, capsys):
+    code, _, err = run_cli(capsys, "train", "--data", str(tmp_path / "nope.txt"), "--out", str(tmp_path / "r"), *TINY)
+    _assert_one_line_error(code, err, "nope.txt")
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n\n  \n")
+    code, _, err = run_cli(capsys, "train", "--data", str(empty), "--out", str(tmp_path / "r2"), *TINY)
+    _assert_one_line_error(code, err, "empty")
+
+
+def test_not_a_checkpoint(tmp_path, capsys):
+    d = tmp_path / "notckpt"
+    d.mkdir()
+    (d / "readme.txt").write_text("hello")
+    for cmd in (["fill", str(d), "a [MASK] b"], ["eval", str(d)]):
+        code, _, err = run_cli(capsys, *cmd)
+        _assert_one_line_error(code, err, "not a checkpoint")
+
+
+def test_sequence_longer_than_max_positions(trained_run, corpus_file, tmp_path, capsys):
+    # The tiny run's model has 512 positions: a longer --seq-len on continued training is refused.
+    code, _, err = run_cli(capsys, "train", "--model", str(trained_run / "model"), "--data", str(corpus_file),
+                           "--out", str(tmp_path / "r"), "--seq-len", "600", "--no-progress")
+    _assert_one_line_error(code, err, "max_position_embeddings")
+    long_text = " ".join(["word"] * 700) + " [MASK]"
+    code, _, err = run_cli(capsys, "fill", str(trained_run), long_text)
+    _assert_one_line_error(code, err, "positions")
+
+
+def test_token_id_out_of_vocab(trained_run, corpus_file, tmp_path, capsys):
+    """A tokenizer with more tokens than the model's vocabulary is refused before training."""
+    big = tmp_path / "bigtok"
+    assert main(["tokenizer", "train", "--data", str(corpus_file), "--out", str(big), "--vocab-size", "900"]) == 0
+    capsys.readouterr()
+    code, _, err = run_cli(capsys, "train", "--model", str(trained_run / "model"), "--tokenizer", str(big),
+                           "--data", str(corpus_file), "--out", str(tmp_path / "r"), "--no-progress")
+    _assert_one_line_error(code, err, "vocab")
+
+
+def test_fill_without_mask(trained_run, capsys):
+    code, _, err = run_cli(capsys, "fill", str(trained_run), "no mask here")
+    _assert_one_line_error(code, err, "[MASK]")
+
+
+def test_debug_shows_traceback(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "mlmfast", "--debug", "fill", str(tmp_path), "a [MASK]"],
+                       capture_output=True, text=True)
+    assert r.returncode != 0 and "Traceback" in r.stderr
+
+
+def test_console_script_entry_point(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "mlmfast", "fill", str(tmp_path / "missing"), "a [MASK]"],
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and r.stderr.startswith("error: ") and "Traceback" not in r.stderr
+    assert os.path.basename(sys.executable)  # the module entry point and `mlmfast` share cli.main

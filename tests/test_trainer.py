@@ -1,0 +1,105 @@
+"""Trainer: a short run learns, writes everything it promises, and a resumed run equals an uninterrupted one."""
+import json
+import math
+import os
+
+import pytest
+import torch
+
+from mlmfast.errors import UserError
+from mlmfast.trainer import TrainConfig, checkpoint_dirs, lr_lambda, train
+
+QUIET = dict(progress=False)
+
+
+def tiny_cfg(corpus_file, out_dir, **kw):
+    base = dict(data=[str(corpus_file)], out_dir=str(out_dir), model="bert-tiny", seq_len=32, batch_size=8,
+                vocab_size=400, max_steps=20, eval_every=10, eval_batches=4, log_every=2, save_every=10,
+                lr=2e-3, seed=3, **QUIET)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def _silent(msg):
+    pass
+
+
+def test_short_run_learns_and_writes_run_directory(corpus_file, tmp_path):
+    cfg = tiny_cfg(corpus_file, tmp_path / "run", max_steps=40, eval_every=20)
+    r = train(cfg, log=_silent)
+    assert r.steps == 40 and len(r.train_losses) == 40
+    assert all(math.isfinite(x) for x in r.train_losses)
+    # learning: the validation loss falls clearly below its value at step 0 (uniform over ~400 tokens = ln 400)
+    assert r.first_val["val_loss"] > 5.0
+    assert r.last_val["val_loss"] < r.first_val["val_loss"] - 0.5
+    run = tmp_path / "run"
+    for name in ("train_config.json", "metrics.jsonl", "loss.png", "model/config.json", "model/model.safetensors",
+                 "model/tokenizer.json", "model/vocab.txt", "tokenizer/tokenizer.json"):
+        assert (run / name).is_file(), name
+    rows = [json.loads(l) for l in open(run / "metrics.jsonl")]
+    assert [r["step"] for r in rows if r["split"] == "val"] == [0, 20, 40]
+    assert [r["step"] for r in rows if r["split"] == "train"] == list(range(2, 41, 2))
+    assert all(r["tokens_per_s"] > 0 for r in rows if r["split"] == "train")
+    assert (run / "loss.png").stat().st_size > 10_000
+    # only the newest `keep_checkpoints` checkpoints are kept, each complete
+    ckpts = checkpoint_dirs(str(run))
+    assert [os.path.basename(c) for c in ckpts] == ["step-000020", "step-000040"]
+    assert not [n for n in os.listdir(run / "checkpoints") if n.startswith(".tmp")]
+
+
+def test_resume_continues_exactly(corpus_file, tmp_path):
+    """Stop at step 7, resume to 16: the losses of steps 8..16 and the final weights equal an uninterrupted run."""
+    full = train(tiny_cfg(corpus_file, tmp_path / "full", max_steps=16, save_every=5, grad_accum=2), log=_silent)
+    part_cfg = tiny_cfg(corpus_file, tmp_path / "part", max_steps=16, save_every=5, grad_accum=2)
+    first = train(part_cfg, log=_silent, stop_after=7)
+    assert first.steps == 7
+    assert first.train_losses == full.train_losses[:7]
+    second = train(tiny_cfg(corpus_file, tmp_path / "part", max_steps=16, save_every=5, grad_accum=2),
+                   resume=True, log=_silent)
+    assert second.steps == 16
+    assert second.train_losses == full.train_losses[7:]
+    from safetensors.torch import load_file
+
+    a = load_file(str(tmp_path / "full" / "model" / "model.safetensors"))
+    b = load_file(str(tmp_path / "part" / "model" / "model.safetensors"))
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    steps = [json.loads(l)["step"] for l in open(tmp_path / "part" / "metrics.jsonl")
+             if json.loads(l)["split"] == "train"]
+    assert steps == sorted(set(steps))  # no duplicated log lines after the resume
+
+
+def test_new_run_refuses_existing_run_dir(corpus_file, tmp_path):
+    train(tiny_cfg(corpus_file, tmp_path / "run", max_steps=2), log=_silent)
+    with pytest.raises(UserError, match="--resume"):
+        train(tiny_cfg(corpus_file, tmp_path / "run", max_steps=2), log=_silent)
+
+
+def test_continue_from_pretrained_model_dir(corpus_file, tmp_path):
+    """Domain adaptation: --model DIR starts from those weights and that directory's tokenizer."""
+    train(tiny_cfg(corpus_file, tmp_path / "a", max_steps=10), log=_silent)
+    r = train(tiny_cfg(corpus_file, tmp_path / "b", max_steps=4, model=str(tmp_path / "a" / "model")), log=_silent)
+    assert r.first_val["val_loss"] < math.log(400) - 0.3  # starts from trained weights, not from scratch
+
+
+@pytest.mark.parametrize("kw, match", [
+    (dict(mlm_probability=1.5), "mlm_probability"),
+    (dict(mlm_probability=0.0), "mlm_probability"),
+    (dict(mask_replace_prob=0.8, random_replace_prob=0.3), "> 1"),
+    (dict(seq_len=2), "seq-len"),
+    (dict(batch_size=0), "batch-size"),
+    (dict(schedule="step"), "schedule"),
+])
+def test_bad_config(corpus_file, tmp_path, kw, match):
+    with pytest.raises(UserError, match=match):
+        train(tiny_cfg(corpus_file, tmp_path / "run", **kw), log=_silent)
+
+
+def test_warmup_then_decay():
+    cfg = TrainConfig(max_steps=100, warmup_steps=10, schedule="linear")
+    f = lr_lambda(cfg)
+    assert f(0) == pytest.approx(0.1) and f(9) == pytest.approx(1.0)
+    assert f(55) == pytest.approx(0.5) and f(100) == 0.0
+    g = lr_lambda(TrainConfig(max_steps=100, warmup_steps=10, schedule="cosine"))
+    assert g(10) == pytest.approx(1.0) and g(55) == pytest.approx(0.5) and g(100) == pytest.approx(0.0, abs=1e-12)
