@@ -23,7 +23,7 @@ class ModelConfig:
     attention_probs_dropout_prob: float = 0.1  # dropout on the attention probabilities
     max_position_embeddings: int = 512  # longest sequence the learned position table covers
     type_vocab_size: int = 2  # segment (token type) ids: sentence A / sentence B
-    initializer_range: float = 0.02  # std of the truncated-normal init of every weight matrix
+    initializer_range: float = 0.02  # std of the normal init of every weight matrix (as HF BERT)
     layer_norm_eps: float = 1e-12  # LayerNorm epsilon (BERT's value)
     pad_token_id: int = 0  # id of [PAD]; its embedding row is initialised to zero
     attn_implementation: str = "sdpa"  # "eager" (explicit softmax, the reference) or "sdpa"

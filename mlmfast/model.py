@@ -1,9 +1,9 @@
 """BERT for masked-language modelling, in one readable file.
 
 The module tree reproduces transformers' `BertForMaskedLM` exactly, so `state_dict()` has the same keys and
-shapes (no pooler; `cls.predictions.decoder.bias` is the same Parameter as `cls.predictions.bias`, and
-`cls.predictions.decoder.weight` is the word-embedding matrix when `tie_word_embeddings`), and a checkpoint
-loads both ways with `strict=True`.
+shapes (no pooler, no buffers; with `tie_word_embeddings`, `cls.predictions.decoder.weight` is the word-embedding
+matrix and `cls.predictions.decoder.bias` is `cls.predictions.bias`, the same Parameters under two names), and a
+checkpoint loads both ways with `strict=True`.
 
     forward(ids) = loss(head(encode(ids)))
 
@@ -198,8 +198,7 @@ class PredictionHead(nn.Module):
             "transform_act_fn": activation(cfg.hidden_act),
             "LayerNorm": nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps),
         })
-        self.decoder = nn.Linear(cfg.hidden_size, cfg.vocab_size)
-        self.decoder.bias = self.bias  # one Parameter under two names, as in HF
+        self.decoder = nn.Linear(cfg.hidden_size, cfg.vocab_size)  # weight and bias tied by BertForMLM.tie_weights
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         t = self.transform
@@ -241,10 +240,13 @@ class BertForMLM(nn.Module):
             nn.init.zeros_(module.bias)
 
     def tie_weights(self) -> None:
-        """Make the decoder share the word-embedding matrix (if tied) and the head bias: same Parameters."""
-        pred = self.cls["predictions"]
-        pred.decoder.bias = pred.bias
+        """If tie_word_embeddings: the decoder shares the word-embedding matrix and the head bias (same Parameters).
+
+        As in HF, an untied model has a separate decoder.bias too (and cls.predictions.bias is then unused).
+        """
         if self.config.tie_word_embeddings:
+            pred = self.cls["predictions"]
+            pred.decoder.bias = pred.bias
             pred.decoder.weight = self.bert["embeddings"].word_embeddings.weight
 
     def _apply(self, fn, *args, **kwargs):
@@ -354,7 +356,7 @@ class BertForMLM(nn.Module):
         directory = os.fspath(directory)
         os.makedirs(directory, exist_ok=True)
         state = self.state_dict()
-        skip = {TIED_DECODER_BIAS[0]} | ({TIED_DECODER_WEIGHT[0]} if self.config.tie_word_embeddings else set())
+        skip = {TIED_DECODER_BIAS[0], TIED_DECODER_WEIGHT[0]} if self.config.tie_word_embeddings else set()
         tensors = {k: v.detach().contiguous().cpu() for k, v in state.items() if k not in skip}
         tmp = tempfile.mkdtemp(prefix=".tmp-save-", dir=directory)
         try:
@@ -396,11 +398,10 @@ class BertForMLM(nn.Module):
             if k in _IGNORED_KEYS or k.startswith(_IGNORED_PREFIXES):
                 continue
             out[k] = v
-        for alias, target in (TIED_DECODER_BIAS, TIED_DECODER_WEIGHT):
-            tied = alias == TIED_DECODER_BIAS[0] or self.config.tie_word_embeddings
-            if tied and target in out:
+        for alias, target in (TIED_DECODER_BIAS, TIED_DECODER_WEIGHT) if self.config.tie_word_embeddings else ():
+            if target in out:
                 out[alias] = out[target]  # the shared Parameter takes the stored (right-hand) value
-            elif tied and alias in out:
+            elif alias in out:
                 out[target] = out[alias]  # a checkpoint that kept only the left-hand name
         expected = self.state_dict()
         missing = [k for k in expected if k not in out]

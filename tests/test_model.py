@@ -250,6 +250,29 @@ def test_hf_save_our_load_and_our_save_hf_load(model, tmp_path):
                        mask) <= TOL["logits"]
 
 
+def test_untied_checkpoint_roundtrip_with_hf(tmp_path):
+    torch.manual_seed(6)
+    m = BertForMLM(tiny_config(tie_word_embeddings=False, num_hidden_layers=1)).eval()
+    pred = m.cls["predictions"]
+    assert pred.decoder.weight is not m.bert["embeddings"].word_embeddings.weight
+    assert pred.decoder.bias is not pred.bias  # HF unties both
+    with torch.no_grad():
+        pred.decoder.bias.normal_()
+    ours_keys = [(k, tuple(v.shape)) for k, v in m.state_dict().items()]
+    hf = hf_twin(m)
+    assert ours_keys == [(k, tuple(v.shape)) for k, v in hf.state_dict().items()]
+    m.save_pretrained(tmp_path)
+    back, info = BertForMaskedLM.from_pretrained(tmp_path, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    again = BertForMLM.from_pretrained(tmp_path).eval()
+    ids, mask, tt, _ = batch(2, 9)
+    with torch.no_grad():
+        ref = m(ids, mask, tt).logits
+        assert maxdiff(back.eval()(input_ids=ids, attention_mask=mask, token_type_ids=tt).logits, ref,
+                       mask) <= TOL["logits"]
+        assert torch.equal(again(ids, mask, tt).logits, ref)
+
+
 def test_pytorch_model_bin_fallback(model, tmp_path):
     model.config.save(tmp_path)
     state = dict(model.state_dict())
