@@ -650,7 +650,7 @@ def train(cfg: TrainConfig, resume: bool = False, log: Callable[[str], None] = _
         if step % cfg.eval_every == 0 or step == cfg.max_steps:
             last_val = run_eval(step)
             if last_val:
-                bar.write(f"step {step}: val loss {last_val['val_loss']:.3f}, "
+                (bar.write if cfg.progress else log)(f"step {step}: val loss {last_val['val_loss']:.3f}, "
                           f"ppl {last_val['val_ppl']:.1f}, accuracy {100 * last_val['val_acc']:.1f}%")
         if step % cfg.save_every == 0 or step == end_step:
             save_checkpoint(run_dir, step, model, tokenizer, optimizer, scheduler, scaler, device,
