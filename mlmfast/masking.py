@@ -40,6 +40,12 @@ Algorithm (every step is vectorised over the whole batch; no Python loop over ro
 RNG: the draws happen in the order u_sel, u_act, r_idx, from `generator`, or a fresh torch.Generator on the
 input's device seeded with `seed`, or torch's default generator of that device. Same seed + same input ->
 bit-identical output on the same device.
+
+Backends: `backend="auto"` (default) runs the same contract through `mlmfast.ops.mask_select` (the C++ twin on
+CPU, the one-launch CUDA kernel on GPU; csrc/) when mlmfast._C is built and supports the arguments, else
+this reference; "reference" forces the code below; "kernel" requires mlmfast.ops. The kernel draws from its
+own counter-based stream (Philox, keyed by `seed`): statistically, not bitwise, equal to this reference.
+A `generator` always selects the reference.
 """
 from __future__ import annotations
 
@@ -54,6 +60,7 @@ from .errors import UserError
 
 IGNORE_INDEX = -100  # label of a position the loss must ignore (torch.nn.functional.cross_entropy default)
 MODES = ("bernoulli", "exact")
+BACKENDS = ("auto", "reference", "kernel")
 CAPACITY_SIGMAS = 6.0  # default capacity margin: mean + 6 binomial sigmas (P(overflow) ~ 1e-9 per row)
 CAPACITY_MULTIPLE = 8  # default capacity is rounded up to a multiple of this (but never above L)
 DEFAULT_WORD_SPECIALS = ("[CLS]", "[SEP]", "[PAD]", "[MASK]")  # tokens that get word id -1
@@ -169,6 +176,28 @@ def _special_ids_tensor(special_token_ids, device: torch.device) -> torch.Tensor
     return torch.tensor(ids, dtype=torch.long, device=device)
 
 
+def _kernel_unsupported(input_ids: torch.Tensor, special_ids: torch.Tensor, vocab_size: int,
+                        generator) -> Optional[str]:
+    """None when mlmfast.ops.mask_select runs these arguments on its C++ / CUDA path, else why not."""
+    if generator is not None:
+        return "a generator was passed (only the reference draws from a torch.Generator)"
+    if input_ids.dtype not in (torch.int32, torch.int64):
+        return f"input_ids dtype {input_ids.dtype} (the kernel takes int32 / int64)"
+    if vocab_size >= 2**31:
+        return f"vocab_size={vocab_size} >= 2^31"
+    try:
+        from . import ops
+    except ImportError as exc:  # pragma: no cover - ops ships with the package
+        return f"mlmfast.ops unavailable: {exc}"
+    if ops.mask_select_backend(input_ids.device) == "torch":
+        ext_err = ops.extension_error()
+        return f"mlmfast._C not built: {ext_err}" if ext_err else ops._cuda_part_reason() or \
+            f"no kernel for device {input_ids.device}"
+    if torch.unique(special_ids).numel() > 64:
+        return "more than 64 distinct special_token_ids"
+    return None
+
+
 # ---- the reference ----------------------------------------------------------------------------------------
 def mask_tokens(
     input_ids: torch.Tensor,
@@ -186,6 +215,7 @@ def mask_tokens(
     max_predictions: Optional[int] = None,
     seed: Optional[int] = None,
     generator: Optional[torch.Generator] = None,
+    backend: str = "auto",
 ) -> MaskingOutput:
     """Select MLM targets and corrupt them (BERT 80/10/10); see the module docstring for the algorithm.
 
@@ -196,6 +226,7 @@ def mask_tokens(
     mode: "bernoulli" (each unit w.p. mlm_probability) or "exact" (round(p * n_eligible) tokens per row).
     max_predictions: capacity P of `positions`; overflow keeps the P lowest positions (see num_dropped).
     seed / generator: reproducible randomness (not both); neither -> torch's default RNG.
+    backend: "auto" | "reference" | "kernel" (see the module docstring).
     """
     # ---- validate --------------------------------------------------------------------------------------
     if not isinstance(input_ids, torch.Tensor):
@@ -224,6 +255,8 @@ def mask_tokens(
         )
     if mode not in MODES:
         raise UserError(f"mode={mode!r} is not known; use one of {MODES}")
+    if backend not in BACKENDS:
+        raise UserError(f"backend={backend!r} is not known; use one of {BACKENDS}")
     if seed is not None and generator is not None:
         raise UserError("pass either seed or generator, not both (seed builds a fresh generator)")
     if seed is not None and not _is_int(seed):
@@ -267,6 +300,23 @@ def mask_tokens(
             raise UserError(
                 f"random_replace_prob={pr} > 0 but every id in [0, {vocab_size}) is in special_token_ids, "
                 "so there is no token to draw; set random_replace_prob=0 or fix special_token_ids"
+            )
+
+    if backend != "reference":
+        why_not = _kernel_unsupported(input_ids, special_ids, vocab_size, generator)
+        if why_not is not None and backend == "kernel":
+            raise UserError(f"backend='kernel' cannot run here: {why_not}; use backend='auto' or 'reference'")
+        if why_not is None:
+            from .ops import mask_select
+
+            if seed is None:  # random by default, as the reference: one draw from torch's default CPU generator
+                seed = int(torch.randint(0, 2**63 - 1, (), dtype=torch.long).item())
+            return mask_select(
+                input_ids, mask_token_id=mask_token_id, vocab_size=vocab_size,
+                special_token_ids=special_ids.tolist(), attention_mask=attention_mask,
+                special_tokens_mask=special_tokens_mask, word_ids=None if word_ids is None else word_ids.long(),
+                mlm_probability=p, mask_replace_prob=min(pm, 1.0), random_replace_prob=min(pr, 1.0),
+                mode=mode, max_predictions=P, seed=int(seed), offset=0,
             )
 
     if seed is not None:

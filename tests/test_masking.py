@@ -1,6 +1,7 @@
 """Tests of the reference MLM masking (mlmfast/masking.py): statistics, invariants, RNG, whole words, errors."""
 from __future__ import annotations
 
+import functools
 import math
 
 import pytest
@@ -14,6 +15,10 @@ from mlmfast.masking import (
     mask_tokens,
     word_ids_from_tokens,
 )
+
+# These tests check the reference implementation itself: pin mask_tokens to it (its default, backend="auto",
+# runs mlmfast.ops.mask_select when mlmfast._C is built; tests/test_mask_select.py checks that path).
+mask_tokens = functools.partial(mask_tokens, backend="reference")
 
 # ---- one table of tolerances and test-set sizes ----------------------------------------------------------------
 TOL = {

@@ -1,0 +1,291 @@
+"""Benchmark the fused attention kernel against SDPA, eager attention and (if installed) flash-attn.
+
+    python benchmarks/bench_attention.py                         # L 128..4096, D 64 and 128, bf16, fwd and fwd+bwd
+    python benchmarks/bench_attention.py --padding none half --out benchmarks/results/attention-$(date +%F).json
+    python benchmarks/bench_attention.py --L 512 --D 64 --sweep   # try launch configs, print the best per kernel
+
+FLOPs (non-causal, padding excluded): forward 4 * H * D * sum_b L_b^2, backward 2.5x that (fwd+bwd = 3.5x).
+Timings: triton.testing.do_bench (CUDA graphs not used), median with p20 / p80, after warm-up, random data.
+Providers: mlmfast (the Triton kernel), sdpa (torch SDPA: flash backend without a mask; with padding a
+boolean mask and whatever backend SDPA picks), eager (matmul + softmax + matmul, the reference), flash-attn
+(flash_attn_func; varlen on the unpadded tokens with padding) when importable.
+`--padding half`: every row keeps L/2 keys (seqlens = L/2); padded query rows count no FLOPs.
+
+Needs a CUDA GPU for kernel timings; on CPU it says so (and, with --cpu-reference, times only the reference
+and SDPA at small L). The Markdown table is printed last; --out writes JSON rows with the device name,
+library versions and git commit.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from typing import Callable, Optional
+
+import torch
+
+TARGETS = {  # issue 4, H100 bf16 non-causal D=64 L=512
+    "fwd TFLOP/s": 300.0,
+    "fwd+bwd TFLOP/s": 250.0,
+    "half padded: speedup vs SDPA with mask (fwd+bwd)": 3.0,
+}
+
+
+def _git_commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip() or "uncommitted"
+    except Exception:
+        return "unknown"
+
+
+def _env() -> dict:
+    env = {"torch": torch.__version__, "commit": _git_commit()}
+    try:
+        import triton
+
+        env["triton"] = triton.__version__
+    except ImportError:
+        env["triton"] = None
+    env["device"] = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    return env
+
+
+def _flops_fwd(H: int, D: int, lens: list[int]) -> float:
+    return 4.0 * H * D * sum(n * n for n in lens)
+
+
+def _bench_cuda(fn: Callable[[], object], grad_to_none=None) -> tuple[float, float, float]:
+    from triton.testing import do_bench
+
+    q = do_bench(fn, warmup=25, rep=100, grad_to_none=grad_to_none, quantiles=[0.5, 0.2, 0.8])
+    return tuple(float(x) for x in q)
+
+
+def _bench_cpu(fn: Callable[[], object], reps: int = 5) -> tuple[float, float, float]:
+    import time
+
+    fn()
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    t = torch.tensor(times)
+    return tuple(float(x) for x in (t.quantile(0.5), t.quantile(0.2), t.quantile(0.8)))
+
+
+def _providers(padded: bool, device: str) -> dict[str, Callable]:
+    """name -> f(q, k, v, lens_tensor, keep_mask) returning out [B, H, L, D]."""
+    import torch.nn.functional as F
+
+    from mlmfast.attention import attention, attention_reference
+
+    provs: dict[str, Callable] = {}
+    if device == "cuda":
+        provs["mlmfast"] = lambda q, k, v, lens, keep: attention(q, k, v, seqlens=lens if padded else None)
+
+    def sdpa(q, k, v, lens, keep):
+        if not padded:
+            if device == "cuda":
+                from torch.nn.attention import SDPBackend, sdpa_kernel
+
+                with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
+                    return F.scaled_dot_product_attention(q, k, v)
+            return F.scaled_dot_product_attention(q, k, v)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=keep[:, None, None, :])
+
+    provs["sdpa"] = sdpa
+    provs["eager"] = lambda q, k, v, lens, keep: attention_reference(q, k, v, seqlens=lens if padded else None)
+    if device == "cuda":
+        try:
+            from flash_attn import flash_attn_func, flash_attn_varlen_func
+
+            cache: dict = {}
+
+            def fa(q, k, v, lens, keep):
+                qt, kt, vt = (x.transpose(1, 2) for x in (q, k, v))  # (B, L, H, D)
+                if not padded:
+                    return flash_attn_func(qt, kt, vt).transpose(1, 2)
+                B, L, H, D = qt.shape
+                if id(keep) not in cache:  # index set-up (a host sync) outside the timed region
+                    cache[id(keep)] = (keep.flatten().nonzero().flatten(),
+                                       torch.nn.functional.pad(lens.cumsum(0, dtype=torch.int32), (1, 0)))
+                idx, cu = cache[id(keep)]
+                sel = [x.reshape(B * L, H, D)[idx] for x in (qt, kt, vt)]
+                o = flash_attn_varlen_func(*sel, cu, cu, L, L)
+                out = torch.zeros(B * L, H, D, device=q.device, dtype=q.dtype)
+                out[idx] = o
+                return out.view(B, L, H, D).transpose(1, 2)
+
+            provs["flash-attn"] = fa
+        except ImportError:
+            pass
+    return provs
+
+
+def run(args) -> list[dict]:
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
+    env = _env()
+    rows = []
+    for D in args.D:
+        H = max(1, args.hidden // D)
+        for L in args.L:
+            B = max(1, args.tokens // L)
+            for padding in args.padding:
+                padded = padding == "half"
+                lens_list = [max(1, L // 2)] * B if padded else [L] * B
+                lens = torch.tensor(lens_list, device=device)
+                keep = torch.arange(L, device=device)[None, :] < lens[:, None]
+                q, k, v = (torch.randn(B, H, L, D, device=device, dtype=dtype, requires_grad=True) for _ in range(3))
+                do = torch.randn(B, H, L, D, device=device, dtype=dtype)
+                flops = _flops_fwd(H, D, lens_list)
+                for name, f in _providers(padded, device).items():
+                    if args.providers and name not in args.providers:
+                        continue
+                    if name == "eager" and B * H * L * L * 4 > args.eager_max_bytes:
+                        continue  # the score matrix would not fit
+                    for mode in args.modes:
+                        if mode == "fwd":
+                            def fn(f=f):
+                                with torch.no_grad():
+                                    return f(q, k, v, lens, keep)
+                            mult = 1.0
+                        else:
+                            def fn(f=f):
+                                f(q, k, v, lens, keep).backward(do)
+                            mult = 3.5
+                        try:
+                            if device == "cuda":
+                                med, p20, p80 = _bench_cuda(fn, grad_to_none=[q, k, v])
+                            else:
+                                med, p20, p80 = _bench_cpu(fn)
+                        except Exception as exc:  # e.g. out of memory, or a backend that refuses the shape
+                            print(f"skip {name} {mode} L={L} D={D} {padding}: {type(exc).__name__}: "
+                                  f"{str(exc).splitlines()[0][:120]}", file=sys.stderr)
+                            torch.cuda.empty_cache() if device == "cuda" else None
+                            continue
+                        row = dict(provider=name, mode=mode, L=L, D=D, B=B, H=H, padding=padding,
+                                   dtype=args.dtype, ms=med, p20_ms=p20, p80_ms=p80,
+                                   tflops=mult * flops / (med * 1e-3) / 1e12, **env)
+                        rows.append(row)
+                        print(f"{name:10s} {mode:7s} L={L:5d} D={D:3d} B={B:3d} H={H:2d} {padding:4s} "
+                              f"{med:8.3f} ms [{p20:.3f}, {p80:.3f}]  {row['tflops']:7.1f} TFLOP/s", flush=True)
+                del q, k, v, do
+    return rows
+
+
+def _markdown(rows: list[dict]) -> str:
+    out = ["| provider | mode | L | D | B | H | padding | median ms | p20 ms | p80 ms | TFLOP/s | vs sdpa |",
+           "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    sdpa = {(r["mode"], r["L"], r["D"], r["padding"]): r["ms"] for r in rows if r["provider"] == "sdpa"}
+    for r in rows:
+        base = sdpa.get((r["mode"], r["L"], r["D"], r["padding"]))
+        speed = f"{base / r['ms']:.2f}x" if base else "-"
+        out.append(f"| {r['provider']} | {r['mode']} | {r['L']} | {r['D']} | {r['B']} | {r['H']} | {r['padding']} | "
+                   f"{r['ms']:.3f} | {r['p20_ms']:.3f} | {r['p80_ms']:.3f} | {r['tflops']:.1f} | {speed} |")
+    return "\n".join(out)
+
+
+def _targets(rows: list[dict]) -> str:
+    def get(provider, mode, padding):
+        for r in rows:
+            if (r["provider"], r["mode"], r["L"], r["D"], r["padding"], r["dtype"]) == \
+                    (provider, mode, 512, 64, padding, "bf16"):
+                return r
+        return None
+
+    lines = ["| target (bf16, D=64, L=512) | bar | measured | ok |", "| --- | --- | --- | --- |"]
+    for mode, key in (("fwd", "fwd TFLOP/s"), ("fwd+bwd", "fwd+bwd TFLOP/s")):
+        r = get("mlmfast", mode, "none")
+        if r:
+            lines.append(f"| {key} | {TARGETS[key]:.0f} | {r['tflops']:.1f} | {'yes' if r['tflops'] >= TARGETS[key] else 'NO'} |")
+    key = "half padded: speedup vs SDPA with mask (fwd+bwd)"
+    a, b = get("mlmfast", "fwd+bwd", "half"), get("sdpa", "fwd+bwd", "half")
+    if a and b:
+        s = b["ms"] / a["ms"]
+        lines.append(f"| {key} | {TARGETS[key]:.0f}x | {s:.2f}x | {'yes' if s >= TARGETS[key] else 'NO'} |")
+    return "\n".join(lines) if len(lines) > 2 else ""
+
+
+def sweep(args) -> None:
+    """Time each candidate launch config of each kernel at the first L / D given; print the fastest."""
+    import mlmfast.kernels.attention as K
+    from mlmfast.attention import attention
+
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
+    D, L = args.D[0], args.L[0]
+    H, B = max(1, args.hidden // D), max(1, args.tokens // L)
+    q, k, v = (torch.randn(B, H, L, D, device="cuda", dtype=dtype, requires_grad=True) for _ in range(3))
+    do = torch.randn_like(q)
+    flops = _flops_fwd(H, D, [L] * B)
+    cands = [K.KernelConfig(bm, bn, w, s) for bm in (32, 64, 128) for bn in (32, 64, 128)
+             for w in (4, 8) for s in (1, 2, 3, 4)]
+    orig = K.kernel_config
+    for kind in ("fwd", "dkdv", "dq"):
+        results = []
+        for c in cands:
+            K.kernel_config = lambda kd, *a, c=c, kind=kind, **kw: c if kd == kind else orig(kd, *a, **kw)
+            try:
+                if kind == "fwd":
+                    ms = _bench_cuda(lambda: attention(q, k, v))[0]
+                    tf = flops / (ms * 1e-3) / 1e12
+                else:
+                    ms = _bench_cuda(lambda: attention(q, k, v).backward(do), grad_to_none=[q, k, v])[0]
+                    tf = 3.5 * flops / (ms * 1e-3) / 1e12
+                results.append((ms, c))
+                print(f"{kind} {c}: {ms:.3f} ms ({tf:.1f} TFLOP/s{' fwd+bwd' if kind != 'fwd' else ''})", flush=True)
+            except Exception as exc:
+                print(f"{kind} {c}: failed ({type(exc).__name__})", flush=True)
+            finally:
+                K.kernel_config = orig
+        if results:
+            best = min(results, key=lambda t: t[0])
+            print(f"BEST {kind} D={D} L={L} {args.dtype}: {best[1]} {best[0]:.3f} ms")
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    ap = argparse.ArgumentParser(description="fused attention benchmark (see module docstring)")
+    ap.add_argument("--L", type=int, nargs="+", default=[128, 256, 512, 1024, 2048, 4096])
+    ap.add_argument("--D", type=int, nargs="+", default=[64, 128])
+    ap.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
+    ap.add_argument("--tokens", type=int, default=16384, help="B = tokens // L (default 16384)")
+    ap.add_argument("--hidden", type=int, default=2048, help="H = hidden // D (default 2048)")
+    ap.add_argument("--padding", nargs="+", default=["none", "half"], choices=["none", "half"])
+    ap.add_argument("--modes", nargs="+", default=["fwd", "fwd+bwd"], choices=["fwd", "fwd+bwd"])
+    ap.add_argument("--providers", nargs="*", default=None, help="subset of mlmfast sdpa eager flash-attn")
+    ap.add_argument("--eager-max-bytes", type=float, default=16e9, help="skip eager when B*H*L*L*4 exceeds this")
+    ap.add_argument("--sweep", action="store_true", help="time launch configs of each kernel (GPU)")
+    ap.add_argument("--cpu-reference", action="store_true",
+                    help="on CPU: time only eager and SDPA at the given (small) L; the kernel needs a GPU")
+    ap.add_argument("--out", default=None, help="write the rows as JSON here")
+    args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("bench_attention: kernel timings need a CUDA GPU (the Triton interpreter is not a benchmark).")
+        if not args.cpu_reference:
+            return 0
+        args.providers = [p for p in (args.providers or ["sdpa", "eager"]) if p in ("sdpa", "eager")]
+    if args.sweep:
+        if not torch.cuda.is_available():
+            print("--sweep needs a GPU")
+            return 1
+        sweep(args)
+        return 0
+    rows = run(args)
+    if args.out:
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        with open(args.out, "w") as f:
+            json.dump(rows, f, indent=1)
+    print()
+    t = _targets(rows)
+    if t:
+        print(t + "\n")
+    print(_markdown(rows))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
