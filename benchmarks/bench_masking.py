@@ -28,12 +28,15 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import torch
+
+if __package__ in (None, ""):  # run as a script (python benchmarks/bench_masking.py): make `benchmarks` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.harness import git_commit, percentile  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "wikitext-2" / "valid.txt"
@@ -117,28 +120,15 @@ def time_cuda(fn, batches, repeats: int, warmup: int = 3):
     return out
 
 
-def _pct(xs, q):
-    xs = sorted(xs)
-    return xs[min(len(xs) - 1, max(0, round(q * (len(xs) - 1))))]
-
-
 def summarise(name, device, seconds, tokens_per_batch):
     """Per-sample tokens/s = the batch's non-pad tokens / its time (batches cycle through `seconds`)."""
     n = len(tokens_per_batch)
     tps = [tokens_per_batch[i % n] / s for i, s in enumerate(seconds)]
     return {
         "method": name, "device": device, "samples": len(tps),
-        "tokens_per_s_median": statistics.median(tps), "tokens_per_s_p20": _pct(tps, 0.2),
-        "tokens_per_s_p80": _pct(tps, 0.8), "ms_per_batch_median": statistics.median(seconds) * 1e3,
+        "tokens_per_s_median": statistics.median(tps), "tokens_per_s_p20": percentile(tps, 0.2),
+        "tokens_per_s_p80": percentile(tps, 0.8), "ms_per_batch_median": statistics.median(seconds) * 1e3,
     }
-
-
-def git_commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                              timeout=10).stdout.strip() or "uncommitted"
-    except Exception:
-        return "unknown"
 
 
 # ---- the BERT-base step (GPU, optional) --------------------------------------------------------------------

@@ -1,0 +1,118 @@
+#!/usr/bin/env bash
+# The GPU check in one call, for an H100 machine with no network: offline install, GPU tests, op and train-step
+# benchmarks at BERT-base, L = 128 and 512; a short table printed last. Under 8 minutes in all: every stage runs
+# under `timeout`, and the benchmark starts nothing new once its time budget is spent (the rest becomes skipped
+# rows) and, if stopped, still writes what it measured.
+#
+#   benchmarks/gpu_check.sh [OUT_DIR]                       # OUT_DIR: default $OUT, else results_gpu
+#   GPU_CHECK_DRY_RUN=1 benchmarks/gpu_check.sh /tmp/gc     # on a CPU: checks the script itself (no install,
+#                                                           # GPU tests collected only, a tiny CPU benchmark)
+# Files in OUT_DIR (flat, 7): nvidia-smi.txt install.log pytest_gpu.log bench.log results.json results.md results.png
+# Environment: GPU_CHECK_SECONDS (total budget, default 465), PYTHON (default python3), MLMFAST_GIT_COMMIT (the
+# commit to record where the copy has no .git), GPU_CHECK_TESTS=0 (skip the GPU tests), GPU_CHECK_BENCH_ARGS
+# (extra arguments for the benchmark, after the defaults, so they win; e.g. "--suite train --seq-lens 512").
+# Needs on the machine: torch, triton, transformers, numpy, pybind11, setuptools, pytest, matplotlib; nvcc to build
+# the CUDA part of mlmfast._C (without it the benchmark runs mask_select's PyTorch twin and says so).
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+OUT=${1:-${OUT:-results_gpu}}
+mkdir -p "$OUT"
+PY=${PYTHON:-python3}
+DRY=${GPU_CHECK_DRY_RUN:-0}
+TOTAL=${GPU_CHECK_SECONDS:-465}
+START=$(date +%s)
+export PYTHONUNBUFFERED=1
+left() { echo $((TOTAL - ($(date +%s) - START))); }
+note() { echo "[gpu_check $(($(date +%s) - START))s] $*"; }
+[ -n "${MLMFAST_GIT_COMMIT:-}" ] || MLMFAST_GIT_COMMIT=$(git rev-parse --short HEAD 2>/dev/null || echo unknown)
+export MLMFAST_GIT_COMMIT
+
+note "out=$OUT budget=${TOTAL}s dry_run=$DRY commit=$MLMFAST_GIT_COMMIT"
+
+# 1. The device.
+if command -v nvidia-smi >/dev/null 2>&1; then
+  nvidia-smi >"$OUT/nvidia-smi.txt" 2>&1 || true
+  nvidia-smi -L 2>/dev/null || true
+else
+  echo "nvidia-smi not found" >"$OUT/nvidia-smi.txt"
+fi
+
+# 2. Offline install (builds mlmfast._C, with the CUDA part when nvcc is there), then what is installed.
+if [ "$DRY" = 1 ]; then
+  echo "dry run: skipped: $PY -m pip install --no-build-isolation --no-deps -e ." >"$OUT/install.log"
+  install="dry run (skipped)"
+elif timeout -k 10 240 "$PY" -m pip install --no-build-isolation --no-deps -e . >"$OUT/install.log" 2>&1; then
+  install="ok"
+else
+  install="FAILED (exit $?; see install.log)"
+fi
+{ echo "== versions"; "$PY" -m mlmfast info 2>&1 || true; } >>"$OUT/install.log"
+note "install: $install"
+
+# 3. GPU tests (failures are recorded, not fatal). At most 150 s, and 240 s stay for the benchmark.
+t_tests=$(($(left) - 240))
+[ "$t_tests" -le 150 ] || t_tests=150
+if [ "${GPU_CHECK_TESTS:-1}" = 0 ]; then
+  echo "not run: GPU_CHECK_TESTS=0" >"$OUT/pytest_gpu.log"
+  tests="skipped (GPU_CHECK_TESTS=0)"
+elif [ "$t_tests" -lt 20 ]; then
+  echo "not run: no time left" >"$OUT/pytest_gpu.log"
+  tests="not run (no time left)"
+else
+  if [ "$DRY" = 1 ]; then args=(-m gpu --collect-only -q); else args=(-m gpu -q -rfEs); fi
+  set +e
+  timeout -k 10 "$t_tests" "$PY" -m pytest "${args[@]}" -p no:cacheprovider >"$OUT/pytest_gpu.log" 2>&1
+  rc=$?
+  set -e
+  last=$(grep -E "(passed|failed|error|selected|collected|no tests ran)" "$OUT/pytest_gpu.log" | tail -n 1 || true)
+  case $rc in
+    0) tests="ok: $last" ;;
+    124 | 137) tests="TIMEOUT after ${t_tests}s: $last" ;;
+    *) tests="FAILED (exit $rc): $last" ;;
+  esac
+fi
+note "tests: $tests"
+
+# 4. Benchmarks: ops + train steps. Hard stop 15 s before the end; no new path in the last 75 s before that
+# (a torch.compile build takes up to about a minute).
+t_bench=$(($(left) - 15))
+budget=$((t_bench - 75))
+if [ "$DRY" = 1 ]; then
+  bargs=(--device cpu --smoke)
+else
+  bargs=(--device cuda --models bert-base --seq-lens 128,512 --tokens-per-batch 16384 --steps 10 --warmup 2
+         --compile-warmup 3)
+fi
+# shellcheck disable=SC2206
+bargs+=(${GPU_CHECK_BENCH_ARGS:-})
+if [ "$budget" -lt 30 ]; then
+  echo "not run: no time left" >"$OUT/bench.log"
+  bench="not run (no time left)"
+else
+  set +e
+  timeout -k 15 "$t_bench" "$PY" -m benchmarks --suite ops,train "${bargs[@]}" --time-budget "$budget" \
+    --out "$OUT" --name results >"$OUT/bench.log" 2>&1
+  rc=$?
+  set -e
+  case $rc in
+    0) bench="ok" ;;
+    124 | 130 | 137) bench="STOPPED at the time limit (exit $rc): partial results" ;;
+    *) bench="FAILED (exit $rc; see bench.log)" ;;
+  esac
+fi
+note "benchmarks: $bench"
+rm -f "$OUT"/*.tmp "$OUT"/*.tmp.png
+
+# 5. Summary, and the short table last.
+echo
+echo "== gpu_check: $(($(date +%s) - START))s; install: $install; tests: $tests; benchmarks: $bench"
+echo "== files in $OUT: $(cd "$OUT" && ls | tr '\n' ' ')"
+if [ -f "$OUT/results.json" ]; then
+  "$PY" -m benchmarks.report "$OUT/results.json" --short || true
+else
+  tail -n 20 "$OUT/bench.log" || true
+fi
+case "$install/$tests/$bench" in
+  *FAILED* | *TIMEOUT* | *STOPPED* | *"not run"*) exit 1 ;;
+esac
+exit 0

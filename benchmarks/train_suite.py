@@ -1,0 +1,310 @@
+"""End-to-end MLM training steps: transformers' BertForMaskedLM against mlmfast's reference and fast paths.
+
+Paths (every one gets the same weights, copied from one seeded BertForMLM, and the same masked batches):
+  hf-eager              BertForMaskedLM(attn_implementation="eager"), HF labels (-100 = not predicted)
+  hf-sdpa               the same with attn_implementation="sdpa"
+  hf-sdpa-compile       torch.compile of hf-sdpa
+  mlmfast-reference     BertForMLM's reference path (sdpa attention, full logits, fp32 CE): what the trainer
+                        runs without the fast path
+  mlmfast-fast          BertForMLM.set_path("fast"), forward(..., positions=, position_labels=) from the
+                        MaskingOutput (issue 5); mask_select runs INSIDE the step, as in the trainer
+  mlmfast-fast-compile  torch.compile of mlmfast-fast (mask_select outside the compiled module, inside the step)
+A path that cannot run here is a row with status "skipped" and the reason; one that fails is "error" + reason.
+
+One step = (fast paths: mask_select) + forward + backward + AdamW step + zero_grad(set_to_none) — the trainer's
+step without gradient clipping. AdamW is `mlmfast.trainer.make_optimizer` (fused on CUDA; no decay on biases and
+LayerNorm). Precision: bf16 autocast on CUDA (fp16 where bf16 is missing), fp32 on CPU. Dropout as configured
+(0.1, BERT's). The HF and reference paths get the pre-masked batch: their masking (HF's collator runs in the
+DataLoader's worker processes) is measured by the ops suite, not here.
+
+Model FLOPs (one convention for every path, so MFU compares like with like): the work HF does on the padded
+(B, L) batch, forward + backward = 3 x forward:
+    dense      6 * N * B * L        N = encoder weight matrices + the head transform (n_layers*(4H^2 + 2HI) + H^2)
+    attention  12 * n_layers * B * L^2 * H     (QK^T and PV, 2 * 2 * B * L^2 * H per layer forward)
+    decoder    6 * B * L * H * V    (full logits over every position, as HF computes them)
+A path that skips work (padding, unselected positions) gets it as speed: its "model TFLOP/s" is this count over its
+time. Non-pad tokens/s counts real tokens only. MFU = model TFLOP/s / the device's dense bf16 peak (GPU only).
+"""
+from __future__ import annotations
+
+import gc
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
+
+import torch
+
+from .harness import PeakMemory, median_rate, spread, time_calls
+
+PATHS = ("hf-eager", "hf-sdpa", "hf-sdpa-compile", "mlmfast-reference", "mlmfast-fast", "mlmfast-fast-compile")
+# Measured order: eager paths first, compiled ones (slow to build) last, so a time budget cuts the compiles.
+RUN_ORDER = ("hf-eager", "hf-sdpa", "mlmfast-reference", "mlmfast-fast", "hf-sdpa-compile", "mlmfast-fast-compile")
+BASELINES = ("hf-eager", "hf-sdpa", "hf-sdpa-compile", "mlmfast-reference")
+CPU_COMPILE_REASON = "torch.compile on CPU is not part of the comparison (--cpu-compile runs it)"
+
+
+@dataclass
+class StepConfig:
+    model: str  # preset name
+    L: int
+    B: int
+    vocab_size: int
+
+
+def model_config(preset: str, vocab_size: int, L: int, pad_token_id: int = 0):
+    from mlmfast.config import ModelConfig
+
+    return ModelConfig.from_preset(preset, vocab_size=vocab_size, max_position_embeddings=max(512, L),
+                                   pad_token_id=pad_token_id)
+
+
+def model_flops(cfg, B: int, L: int) -> dict[str, float]:
+    """Model FLOPs of one training step (forward + backward) on a padded (B, L) batch; see the module docstring."""
+    H, I, n, V = cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers, cfg.vocab_size
+    N = n * (4 * H * H + 2 * H * I) + H * H
+    out = {"dense": 6.0 * N * B * L, "attention": 12.0 * n * B * L * L * H, "decoder": 6.0 * B * L * H * V}
+    out["total"] = sum(out.values())
+    return out
+
+
+# ---- availability ----------------------------------------------------------------------------------------------
+def skip_reason(path: str, device: torch.device, cpu_compile: bool = False) -> Optional[str]:
+    """None when `path` can run here, else why not (one line)."""
+    if path.startswith("hf-"):
+        try:
+            import transformers  # noqa: F401
+        except ImportError:
+            return "transformers is not installed (pip install transformers)"
+    if path.endswith("-compile") and device.type == "cpu" and not cpu_compile:
+        return CPU_COMPILE_REASON
+    if path.startswith("mlmfast-fast"):
+        from mlmfast.model import BertForMLM
+
+        if not hasattr(BertForMLM, "set_path"):
+            return "fast path not built (issue 5: BertForMLM.set_path is missing)"
+    return None
+
+
+# ---- one path --------------------------------------------------------------------------------------------------
+def autocast_dtype(device: torch.device) -> Optional[torch.dtype]:
+    if device.type != "cuda":
+        return None
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+def build_model(path: str, cfg, state: dict[str, torch.Tensor], device: torch.device) -> torch.nn.Module:
+    """The path's model with the master weights, in train mode, on the device (not yet compiled)."""
+    with torch.device(device):  # built (and randomly initialised) on the device: fast on a GPU; then overwritten
+        if path.startswith("hf-"):
+            from transformers import BertConfig, BertForMaskedLM
+
+            attn = "eager" if path == "hf-eager" else "sdpa"
+            model = BertForMaskedLM._from_config(BertConfig(**cfg.to_dict()), attn_implementation=attn)
+        else:
+            from mlmfast.model import BertForMLM
+
+            model = BertForMLM(cfg)
+            if hasattr(model, "set_path"):
+                model.set_path("fast" if path.startswith("mlmfast-fast") else "reference")
+    model.load_state_dict(state, strict=True)
+    return model.to(device).train()
+
+
+def make_step(path: str, fn: Callable, opt, batches, device: torch.device) -> Callable[[int], torch.Tensor]:
+    """step(i) on batch i % n with fn = the path's model (or its torch.compile); returns the loss (no sync)."""
+    amp = autocast_dtype(device)
+    n = len(batches)
+    fast = path.startswith("mlmfast-fast")
+
+    def step(i: int) -> torch.Tensor:
+        j = i % n
+        attn = batches.attention_mask[j]
+        with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+            if fast:
+                m = batches.mask(j)  # the mask_select call of the trainer's step; same bits as batches.masked[j]
+                out = fn(m.input_ids, attention_mask=attn, positions=m.positions, position_labels=m.position_labels)
+            else:
+                m = batches.masked[j]
+                out = fn(input_ids=m.input_ids, attention_mask=attn, labels=m.labels)
+        loss = out.loss if hasattr(out, "loss") else out[0]
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss.detach()
+
+    return step
+
+
+def _error_reason(exc: BaseException) -> str:
+    msg = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {msg[0][:200] if msg else ''}"
+
+
+def run(configs: list[StepConfig], dists: list[str], paths: list[str], text, device: torch.device, *,
+        steps: int, warmup: int, compile_warmup: int, n_batches: int, seed: int = 0, cpu_compile: bool = False,
+        peak: Optional[float] = None, deadline: Optional[float] = None,
+        on_row: Callable[[dict], None] = lambda r: None, log: Callable[[str], None] = print) -> list[dict]:
+    """Measure every (config, dist, path); rows go to on_row as they come and are returned (sorted, with speedups).
+
+    Two phases: every eager path of every config, then the torch.compile paths (slow to build), so a time budget
+    cuts compiles, not the comparison at the second L. A path is built once per config and runs both dists."""
+    rows: list[dict] = []
+
+    def emit(r: dict) -> None:
+        rows.append(r)
+        on_row(r)
+
+    order = [p for p in RUN_ORDER if p in paths]
+    # CPU: prime every eager path (lazy imports, thread pools: RSS). CUDA: only the cheap ones, so the Triton
+    # kernels of the fast path are not JIT-compiled for the priming model's shapes.
+    _prime([p for p in order if skip_reason(p, device, cpu_compile) is None and not p.endswith("-compile")
+            and (device.type == "cpu" or not p.startswith("mlmfast-fast"))], text, device)
+    prepared: dict[int, tuple] = {}  # config index -> (cfg, flops, batches per dist, master weights)
+
+    def prepare(i: int, sc: StepConfig) -> tuple:
+        if i not in prepared:
+            from mlmfast.model import BertForMLM
+
+            cfg = model_config(sc.model, sc.vocab_size, sc.L, text.tokenizer.pad_token_id)
+            batches = {d: text.batches(d, sc.B, sc.L, n_batches, sc.vocab_size, device, seed) for d in dists}
+            torch.manual_seed(seed)
+            state = {k: v.detach().clone() for k, v in BertForMLM(cfg).state_dict().items()}  # on the CPU
+            prepared[i] = (cfg, model_flops(cfg, sc.B, sc.L), batches, state)
+        return prepared[i]
+
+    for phase in ([p for p in order if not p.endswith("-compile")], [p for p in order if p.endswith("-compile")]):
+        for i, sc in enumerate(configs):
+            for path in phase:
+                cfg, flops, batches, state = prepare(i, sc)
+                base = dict(suite="train", model=sc.model, L=sc.L, B=sc.B, vocab_size=sc.vocab_size, path=path,
+                            model_tflop_per_step=flops["total"] / 1e12, flops=flops)
+                reason = skip_reason(path, device, cpu_compile)
+                if reason is None and deadline is not None and time.monotonic() > deadline:
+                    reason = "time budget spent (--time-budget)"
+                if reason is not None:
+                    for d in dists:
+                        emit(dict(base, dist=d, fill=batches[d].fill, status="skipped", reason=reason))
+                    continue
+                _run_path(path, cfg, state, batches, base, device, emit, log, steps=steps,
+                          warmup=compile_warmup if path.endswith("-compile") else warmup, flops=flops["total"],
+                          peak=peak, deadline=deadline)
+    add_speedups(rows)
+    return sort_rows(rows, configs, dists)
+
+
+def sort_rows(rows: list[dict], configs: list[StepConfig], dists: list[str]) -> list[dict]:
+    """Table order: config, then dist, then PATHS order (the run order differs: compiles last)."""
+    index = {p: k for k, p in enumerate(PATHS)}
+    cfg_index = {(c.model, c.L, c.B): k for k, c in enumerate(configs)}
+    return sorted(rows, key=lambda r: (cfg_index.get((r["model"], r["L"], r["B"]), 0), dists.index(r["dist"]),
+                                       index.get(r["path"], 0)))
+
+
+def _run_path(path, cfg, state, batches, base, device, emit, log, *, steps, warmup, flops, peak, deadline) -> None:
+    """Build the path's model once, then measure it on each dist's batches."""
+    from mlmfast.trainer import TrainConfig, make_optimizer
+
+    mem = PeakMemory(device)
+    mem.start()  # before the model exists: its weights, gradients and optimizer state count
+    model = fn = opt = None
+    build_error = None
+    try:
+        model = build_model(path, cfg, state, device)
+        opt = make_optimizer(model, TrainConfig(), device)
+        fn = torch.compile(model) if path.endswith("-compile") else model
+    except Exception as exc:  # e.g. out of memory, an API that changed
+        build_error = _error_reason(exc)
+    for d, bt in batches.items():
+        r = dict(base, dist=d, fill=bt.fill, mem_method=mem.method)
+        if build_error is not None:
+            r.update(status="error", reason=build_error)
+        elif deadline is not None and time.monotonic() > deadline:
+            r.update(status="skipped", reason="time budget spent (--time-budget)")
+        else:
+            try:
+                r.update(_measure(path, fn, opt, bt, device, mem, steps=steps, warmup=warmup, flops=flops, peak=peak))
+            except Exception as exc:
+                r.update(status="error", reason=_error_reason(exc))
+                opt.zero_grad(set_to_none=True)
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+        emit(r)
+        log(_one_line(r))
+    del model, fn, opt
+    if path.endswith("-compile"):
+        torch._dynamo.reset()
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def _prime(paths: list[str], text, device: torch.device) -> None:
+    """One step of a 1-layer model on each eager path, unmeasured: lazy imports and one-time allocations (thread
+    pools, library handles) then land before the first measured path, not inside its peak memory."""
+    from mlmfast.config import ModelConfig
+    from mlmfast.model import BertForMLM
+    from mlmfast.trainer import TrainConfig, make_optimizer
+
+    cfg = ModelConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                      intermediate_size=64, max_position_embeddings=512)
+    state = BertForMLM(cfg).state_dict()
+    bt = text.batches("real", 2, 16, 1, 64, device, seed=12345)
+    for path in paths:
+        try:
+            model = build_model(path, cfg, state, device)
+            fn = make_step(path, model, make_optimizer(model, TrainConfig(), device), bt, device)
+            fn(0)
+        except Exception:  # the measured run reports it
+            pass
+    gc.collect()
+
+
+def _measure(path, fn, opt, batches, device, mem: PeakMemory, *, steps: int, warmup: int, flops: float,
+             peak: Optional[float]) -> dict[str, Any]:
+    mem.reset_peak()
+    step = make_step(path, fn, opt, batches, device)
+    losses: list[torch.Tensor] = []
+
+    def call(i: int) -> None:
+        loss = step(i)
+        if i == 0:
+            losses.append(loss)
+
+    warm, timed = time_calls(call, warmup, steps, device)
+    tokens = [batches.tokens[(warmup + j) % len(batches)] for j in range(len(timed))]  # timed step j = call warmup+j
+    peak_bytes = mem.peak_bytes()
+    tflops = median_rate([flops / 1e12], timed)
+    out: dict[str, Any] = dict(status="ok", steps=len(timed), warmup=len(warm),
+                               warmup_s=[round(w, 3) for w in warm], **spread(timed),
+                               tokens_per_s=median_rate(tokens, timed), tflops=tflops,
+                               mfu=(tflops / peak) if peak else None,
+                               peak_mem_mib=None if peak_bytes is None else peak_bytes / 2**20,
+                               loss_first=float(losses[0]) if losses else None)
+    if path.endswith("-compile") and warm:
+        out["compile_s"] = round(warm[0], 1)
+    return out
+
+
+def add_speedups(rows: list[dict]) -> None:
+    """speedup[b] = median ms of baseline b / median ms of the row, within the same (model, L, B, dist) of this run;
+    mem_vs_hf_eager = peak memory / hf-eager's."""
+    groups: dict[tuple, dict[str, dict]] = {}
+    for r in rows:
+        groups.setdefault((r["model"], r["L"], r["B"], r["dist"]), {})[r["path"]] = r
+    for g in groups.values():
+        for r in g.values():
+            if r.get("status") != "ok":
+                continue
+            r["speedup"] = {b: g[b]["ms"] / r["ms"] for b in BASELINES if g.get(b, {}).get("status") == "ok"}
+            e = g.get("hf-eager", {})
+            if e.get("status") == "ok" and e.get("peak_mem_mib") and r.get("peak_mem_mib") is not None:
+                r["mem_vs_hf_eager"] = r["peak_mem_mib"] / e["peak_mem_mib"]
+
+
+def _one_line(r: dict) -> str:
+    head = f"train {r['model']} L={r['L']} B={r['B']} {r['dist']:4s} {r['path']:21s}"
+    if r["status"] != "ok":
+        return f"{head} {r['status']}: {r['reason']}"
+    mem = "n/a" if r.get("peak_mem_mib") is None else f"{r['peak_mem_mib']:.0f} MiB"
+    return (f"{head} {r['ms']:9.2f} ms [{r['p20_ms']:.2f}, {r['p80_ms']:.2f}]  {r['tokens_per_s']:>10,.0f} tok/s  "
+            f"{r['tflops']:7.2f} TFLOP/s  mem {mem}")

@@ -1,0 +1,143 @@
+"""The benchmark suite runs end to end (the --smoke form CI runs), writes its files, and accounts for every path."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from mlmfast.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+TRAIN_PATHS = {"hf-eager", "hf-sdpa", "hf-sdpa-compile", "mlmfast-reference", "mlmfast-fast", "mlmfast-fast-compile"}
+OPS = {"masking", "gather", "attention", "linear-CE"}
+
+
+def _bench(module: str):
+    """benchmarks.<module>, imported from the checkout as `mlmfast bench` does."""
+    import importlib
+
+    from mlmfast.cli import _benchmarks_package
+
+    _benchmarks_package()
+    return importlib.import_module(f"benchmarks.{module}")
+
+
+def _check_result_files(out: Path, name: str, suites=("ops", "train")) -> dict:
+    for ext in ("json", "md", "png"):
+        assert (out / f"{name}.{ext}").stat().st_size > 0, ext
+    d = json.loads((out / f"{name}.json").read_text())
+    meta, rows = d["meta"], d["rows"]
+    assert meta["status"] == "complete"
+    for key in ("date", "device", "git_commit", "torch", "transformers", "python"):
+        assert meta["env"][key], key
+    assert meta["config"]["smoke"] is True and meta["conventions"]
+    for r in rows:
+        assert r["status"] in ("ok", "skipped"), r  # an "error" row is a bug in the suite or a path
+        if r["status"] == "skipped":
+            assert r["reason"].strip(), r
+        else:
+            assert r["ms"] > 0 and r["p20_ms"] <= r["ms"] <= r["p80_ms"], r
+    if "train" in suites:
+        train = [r for r in rows if r["suite"] == "train"]
+        for dist in ("real", "full"):
+            assert {r["path"] for r in train if r["dist"] == dist} == TRAIN_PATHS
+        ok = {r["path"]: r for r in train if r["status"] == "ok" and r["dist"] == "full"}
+        assert {"hf-eager", "hf-sdpa", "mlmfast-reference"} <= set(ok)  # these run on every machine
+        assert ok["hf-sdpa"]["speedup"]["hf-eager"] > 0 and ok["hf-eager"]["speedup"]["hf-eager"] == 1.0
+        for r in ok.values():
+            assert r["tokens_per_s"] > 0 and r["tflops"] > 0 and r["peak_mem_mib"] is not None
+            assert r["loss_first"] > 0
+        # same weights, same masked batch: the first losses agree up to dropout noise
+        losses = [r["loss_first"] for r in ok.values()]
+        assert max(losses) - min(losses) < 0.5, losses
+    if "ops" in suites:
+        ops = [r for r in rows if r["suite"] == "ops"]
+        assert {r["op"] for r in ops} == OPS
+        sel = [r for r in ops if r["op"] == "masking" and r["impl"].startswith("mask_select") and r["dist"] == "full"]
+        assert sel and sel[0]["speedup"]["hf-collator"] > 0 and sel[0]["tokens_per_s"] > 0
+    md = (out / f"{name}.md").read_text()
+    assert "| path |" in md or "| impl |" in md
+    return d
+
+
+def test_mlmfast_bench_smoke(tmp_path, capsys):
+    """`mlmfast bench --smoke`: ops + train on a tiny model; every path measured or skipped with its reason."""
+    assert main(["bench", "--smoke", "--out", str(tmp_path), "--name", "smoke", "--quiet"]) == 0
+    printed = capsys.readouterr().out
+    assert "### Training step" in printed and printed.rstrip().endswith("s")  # the tables, then the file line
+    _check_result_files(tmp_path, "smoke")
+
+
+def test_bench_help_and_errors(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["bench", "--help"])
+    assert e.value.code == 0
+    assert "usage: mlmfast bench" in capsys.readouterr().out
+    assert main(["bench", "--suite", "nope"]) == 2
+    assert "error: --suite" in capsys.readouterr().err
+    assert main(["bench", "--models", "bert-huge", "--smoke"]) == 2
+    assert "unknown preset" in capsys.readouterr().err
+
+
+def test_model_flops_counts_the_weight_matrices():
+    """dense FLOPs / (6 B L) == the encoder's and head transform's weight-matrix parameters of a real BertForMLM."""
+    from mlmfast.model import BertForMLM
+
+    ts = _bench("train_suite")
+    cfg = ts.model_config("bert-tiny", 1000, 64)
+    model = BertForMLM(cfg)
+    n = sum(p.numel() for name, p in model.named_parameters()
+            if p.dim() == 2 and "embeddings" not in name and "decoder" not in name)
+    f = ts.model_flops(cfg, B=3, L=64)
+    assert f["dense"] == 6 * n * 3 * 64
+    assert f["attention"] == 12 * cfg.num_hidden_layers * 3 * 64 * 64 * cfg.hidden_size
+    assert f["decoder"] == 6 * 3 * 64 * cfg.hidden_size * 1000
+    assert f["total"] == f["dense"] + f["attention"] + f["decoder"]
+    base = ts.model_flops(ts.model_config("bert-base", 30522, 128), B=1, L=128)
+    assert abs(base["dense"] / (6 * 128) / 1e6 - 85.5) < 0.1  # BERT-base: 85.5 M matrix weights off the embeddings
+
+
+def test_peak_table():
+    peak_tflops = _bench("harness").peak_tflops
+
+    assert peak_tflops("NVIDIA H100 80GB HBM3")[0] == 989.4
+    assert peak_tflops("NVIDIA H100 PCIe")[0] == 756.0
+    assert peak_tflops("NVIDIA H200")[0] == 989.4
+    assert peak_tflops("NVIDIA A100-SXM4-80GB")[0] == 312.0
+    assert peak_tflops("NVIDIA A10G")[0] == 125.0
+    assert peak_tflops("NVIDIA L4")[0] == 121.0
+    assert peak_tflops("NVIDIA GeForce RTX 4090")[0] == 165.2
+    value, why = peak_tflops("Some Future GPU")
+    assert value is None and "--peak-tflops" in why
+
+
+@pytest.mark.slow
+def test_gpu_check_dry_run(tmp_path):
+    """benchmarks/gpu_check.sh in its CPU dry-run form: every stage runs, files stay flat and <= 8, table last."""
+    env = dict(os.environ, GPU_CHECK_DRY_RUN="1", PYTHON=sys.executable,
+               GPU_CHECK_BENCH_ARGS="--suite train --paths hf-eager,hf-sdpa,mlmfast-fast --dists full")
+    out = tmp_path / "gc"
+    p = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), str(out)], env=env, capture_output=True,
+                       text=True, timeout=300)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    files = sorted(os.listdir(out))
+    assert len(files) <= 8 and all((out / f).is_file() for f in files), files
+    expected = {"results.json", "results.md", "results.png", "pytest_gpu.log", "install.log", "nvidia-smi.txt"}
+    assert expected <= set(files)
+    assert "tests collected" in (out / "pytest_gpu.log").read_text()
+    tail = p.stdout.strip().splitlines()
+    assert tail[-1].startswith("| bert-tiny") and "mlmfast-fast" in tail[-1]
+
+
+def test_interrupted_run_lists_what_it_did_not_reach():
+    suite, ts = _bench("suite"), _bench("train_suite")
+    cfg = ts.StepConfig("bert-tiny", 32, 2, 512)
+    rows = [dict(suite="train", model="bert-tiny", L=32, B=2, dist="real", path="hf-eager", status="ok")]
+    suite._fill_missing(rows, [cfg], ["real", "full"], ["ops", "train"], ["masking"], ["hf-eager", "hf-sdpa"], "stop")
+    got = {(r["suite"], r["dist"], r.get("path") or r.get("op")): r["status"] for r in rows}
+    assert got == {("train", "real", "hf-eager"): "ok", ("train", "real", "hf-sdpa"): "skipped",
+                   ("train", "full", "hf-eager"): "skipped", ("train", "full", "hf-sdpa"): "skipped",
+                   ("ops", "real", "masking"): "skipped", ("ops", "full", "masking"): "skipped"}
+    assert all(r["reason"] == "stop" for r in rows[1:])
