@@ -71,23 +71,46 @@ def builtin_corpus() -> list[str]:
     """
     global _BUILTIN_CORPUS
     if _BUILTIN_CORPUS is None:
-        docs = _DocCollector()
-        try:
-            from pydoc_data.topics import topics
-        except ImportError:  # some distributions strip pydoc_data
-            topics = {}
-        for key in sorted(topics):
-            docs.add_text(_RST_UNDERLINE.sub("", topics[key]))
-        modules = []
-        for name in sorted(sys.stdlib_module_names):
-            if not name.startswith("_") and name not in _SKIP_MODULES:
-                modules.extend(_import_tree(name))
-        with warnings.catch_warnings():  # reading some attributes warns (typing.io, typing.re on 3.11)
-            warnings.simplefilter("ignore")
-            for module in modules:
-                docs.add_module(module)
-        _BUILTIN_CORPUS = docs.texts
+        _BUILTIN_CORPUS = _builtin_corpus_in_fresh_interpreter()
     return list(_BUILTIN_CORPUS)
+
+
+def _builtin_corpus_in_fresh_interpreter() -> list[str]:
+    """Collect the corpus in a new interpreter: what a docstring walk finds depends on what the current process
+    has imported and patched (pytest, torch, ...), so the same corpus on every run needs a fresh process."""
+    import json
+    import subprocess
+
+    code = "import json, sys; from mlmfast.data import _collect_builtin_corpus as c; json.dump(c(), sys.stdout)"
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
+    try:
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                             timeout=300, check=True).stdout
+        return json.loads(out)
+    except (OSError, subprocess.SubprocessError, ValueError) as exc:
+        log.warning("could not build the built-in corpus in a fresh interpreter (%s); building it here, "
+                    "which may differ slightly between processes", exc)
+        return _collect_builtin_corpus()
+
+
+def _collect_builtin_corpus() -> list[str]:
+    """Walk the help topics and the standard library (see `builtin_corpus`); run in a fresh interpreter."""
+    docs = _DocCollector()
+    try:
+        from pydoc_data.topics import topics
+    except ImportError:  # some distributions strip pydoc_data
+        topics = {}
+    for key in sorted(topics):
+        docs.add_text(_RST_UNDERLINE.sub("", topics[key]))
+    modules = []
+    for name in sorted(sys.stdlib_module_names):
+        if not name.startswith("_") and name not in _SKIP_MODULES:
+            modules.extend(_import_tree(name))
+    with warnings.catch_warnings():  # reading some attributes warns (typing.io, typing.re on 3.11)
+        warnings.simplefilter("ignore")
+        for module in modules:
+            docs.add_module(module)
+    return docs.texts
 
 
 def _quiet_import(name: str):
