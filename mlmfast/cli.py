@@ -1,4 +1,4 @@
-"""The `mlmfast` command: train, eval, fill, tokenizer, info.
+"""The `mlmfast` command: train, eval, fill, tokenizer, info, bench.
 
 Bad input ends with one line `error: ...` naming the problem and the fix and exit status 2; `--debug` shows the
 traceback instead.
@@ -45,6 +45,9 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--attn", choices=["sdpa", "eager"], default=d.attn_implementation,
                    help="attention implementation (default: sdpa; eager is the explicit-softmax reference)")
     g.add_argument("--dropout", type=float, default=None, help="override hidden and attention dropout")
+    g.add_argument("--path", choices=["fast", "reference"], default=d.path,
+                   help="training step: fast (sparse MLM head, fused linear-CE and attention kernels; the default) "
+                        "or reference (full logits, the oracle)")
     g = p.add_argument_group("masking")
     g.add_argument("--mlm-probability", type=float, default=d.mlm_probability)
     g.add_argument("--mask-replace-prob", type=float, default=d.mask_replace_prob)
@@ -80,7 +83,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     cfg = TrainConfig(
         data=list(args.data), out_dir=args.out, seq_len=args.seq_len, pack=not args.no_pack,
         val_fraction=args.val_fraction, num_workers=args.num_workers, model=args.model,
-        tokenizer=args.tokenizer, vocab_size=args.vocab_size, attn_implementation=args.attn,
+        tokenizer=args.tokenizer, vocab_size=args.vocab_size, attn_implementation=args.attn, path=args.path,
         dropout=args.dropout, mlm_probability=args.mlm_probability, mask_replace_prob=args.mask_replace_prob,
         random_replace_prob=args.random_replace_prob, masking_mode=args.masking_mode,
         whole_word=args.whole_word, max_steps=args.max_steps, batch_size=args.batch_size,
@@ -250,12 +253,45 @@ def cmd_info(args: argparse.Namespace) -> int:
     print()
     if not ops:
         print("fast kernels: none registered in this build; every op uses its PyTorch reference")
+    w = max((len(s.name) for s in ops), default=0)
     for s in ops:
         if s.available:
-            print(f"{s.name:<14} fast: {s.fast}")
+            print(f"{s.name:<{w}}  fast: {s.fast}")
         else:
-            print(f"{s.name:<14} reference: {s.reference}   (fast path off: {s.reason})")
+            print(f"{s.name:<{w}}  reference: {s.reference}   (fast path off: {s.reason})")
     return 0
+
+
+# ---------------------------------------------------------------------------------------------------------
+# bench (the suite lives in the repository's benchmarks/, which is not installed with the package)
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _benchmarks_package():
+    """Import `benchmarks` from the checkout this mlmfast comes from (an editable install), or say why not."""
+    import importlib
+    import importlib.util
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    init = os.path.join(root, "benchmarks", "__init__.py")
+    loaded = sys.modules.get("benchmarks")
+    if loaded is not None and os.path.dirname(os.path.abspath(getattr(loaded, "__file__", "") or "")) == \
+            os.path.dirname(init):
+        return importlib.import_module("benchmarks.suite")
+    if not os.path.isfile(init):
+        raise UserError(f"`mlmfast bench` needs the repository checkout (benchmarks/ next to mlmfast/; not found at "
+                        f"{os.path.dirname(init)}): clone the repository, `pip install -e .` there, and run it again")
+    spec = importlib.util.spec_from_file_location("benchmarks", init,
+                                                  submodule_search_locations=[os.path.dirname(init)])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["benchmarks"] = module
+    spec.loader.exec_module(module)
+    return importlib.import_module("benchmarks.suite")
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    suite = _benchmarks_package()
+    return suite.run(suite.build_parser("mlmfast bench").parse_args(args.bench_args))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -319,6 +355,13 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Print library versions, the device, and each op's active implementation.")
     i.add_argument("--json", action="store_true")
     i.set_defaults(func=cmd_info)
+
+    # Every argument after `bench` goes to the suite's own parser (`mlmfast bench --help` prints its help); a
+    # prefix character no option uses keeps argparse from reading them as options of this parser.
+    b = sub.add_parser("bench", help="benchmarks: ops and training steps, fast vs reference vs HF (needs the repo)",
+                       add_help=False, prefix_chars="\0")
+    b.add_argument("bench_args", nargs=argparse.REMAINDER)
+    b.set_defaults(func=cmd_bench)
     return p
 
 

@@ -51,7 +51,7 @@ def all_status() -> list[OpStatus]:
 
 
 # Modules that register ops; importing them must be cheap and must not fail when an optional piece is missing.
-_REGISTERING_MODULES: list[str] = ["mlmfast.attention", "mlmfast.ops"]
+_REGISTERING_MODULES: list[str] = ["mlmfast.attention", "mlmfast.ops", "mlmfast.linear_ce"]
 
 
 def _load_registrations() -> None:

@@ -7,8 +7,16 @@ checkpoint loads both ways with `strict=True`.
 
     forward(ids) = loss(head(encode(ids)))
 
-`encode` and `head` are the two seams a fast path replaces; this file is the reference (and the CPU path).
-Shapes: B batch, L sequence length, H hidden size, nh heads, D head dim, I intermediate size, V vocab size.
+`encode` and `head` are the two seams the fast path replaces. Two paths, one flag (`set_path`):
+  * "reference" (the default): full logits (B, L, V), loss over labels != -100; the oracle of every parity test.
+  * "fast" (the trainer's default), taken when labels or positions are given:
+        x    = layers[:-1](embeddings(ids))         attention via mlmfast.attention (Triton) or SDPA
+        rows = last layer at the predicted positions only (keys / values from all), predicted rows first
+        loss = linear_cross_entropy(transform(rows), decoder.weight, decoder.bias, labels)   no [rows, V] logits
+    Without labels / positions (inference, evaluation) the fast path returns the reference's full logits.
+    Dispatch rules: `mlmfast.fast` (backend "auto" | "kernel" | "torch").
+Shapes: B batch, L sequence length, H hidden size, nh heads, D head dim, I intermediate size, V vocab size,
+P predicted slots per row, N predicted rows.
 """
 from __future__ import annotations
 
@@ -18,7 +26,7 @@ import os
 import shutil
 import tempfile
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Optional
 
 import torch
 import torch.nn as nn
@@ -28,6 +36,7 @@ from .config import ModelConfig
 from .errors import UserError
 
 IGNORE_INDEX = -100  # label of a position that is not predicted (HF convention)
+PATHS = ("reference", "fast")  # BertForMLM.set_path
 WEIGHTS_NAME = "model.safetensors"
 WEIGHTS_INDEX_NAME = "model.safetensors.index.json"  # sharded HF checkpoints
 LEGACY_WEIGHTS_NAME = "pytorch_model.bin"
@@ -57,7 +66,8 @@ def activation(name: str) -> nn.Module:
 
 @dataclass
 class MLMOutput:
-    """`loss`: scalar fp32 mean CE over labelled positions (None without labels). `logits`: (B, L, V).
+    """`loss`: scalar fp32 mean CE over labelled positions (None without labels). `logits`: (B, L, V) on the
+    reference path; on the fast path None, or (N, V) for the predicted rows only when `return_logits=True`.
 
     Also indexable like HF's ModelOutput: `out["loss"]`, and `out[0]` is the first field that is not None.
     """
@@ -200,10 +210,13 @@ class PredictionHead(nn.Module):
         })
         self.decoder = nn.Linear(cfg.hidden_size, cfg.vocab_size)  # weight and bias tied by BertForMLM.tie_weights
 
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
+    def transform_hidden(self, h: torch.Tensor) -> torch.Tensor:
+        """dense -> act -> LayerNorm: the head's input to the decoder, (..., H) -> (..., H)."""
         t = self.transform
-        h = t["LayerNorm"](t["transform_act_fn"](t["dense"](h)))  # (..., H)
-        return self.decoder(h)  # (..., V)
+        return t["LayerNorm"](t["transform_act_fn"](t["dense"](h)))  # (..., H)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return self.decoder(self.transform_hidden(h))  # (..., V)
 
 
 class BertForMLM(nn.Module):
@@ -219,6 +232,8 @@ class BertForMLM(nn.Module):
         self.cls = nn.ModuleDict({"predictions": PredictionHead(config)})
         self.apply(self._init_weights)
         self.tie_weights()
+        self.path = "reference"  # "reference" | "fast": see set_path
+        self.fast_backend = "auto"  # "auto" | "kernel" | "torch": see mlmfast.fast
 
     # ---- parameters ------------------------------------------------------------------------------------
     def _init_weights(self, module: nn.Module) -> None:
@@ -264,6 +279,21 @@ class BertForMLM(nn.Module):
         """Number of unique parameters (tied matrices counted once)."""
         return sum(p.numel() for p in self.parameters())
 
+    def set_path(self, path: str, backend: Optional[str] = None) -> "BertForMLM":
+        """Choose the training path: "fast" (sparse head + fused kernels) or "reference" (full logits).
+
+        backend (fast path only): "auto" (Triton kernels on CUDA; SDPA + chunked PyTorch loss on CPU), "kernel"
+        (Triton wherever it runs, incl. CPU under TRITON_INTERPRET=1) or "torch"; None keeps the current one.
+        No change to the weights; returns self."""
+        from . import fast
+
+        if path not in PATHS:
+            raise UserError(f"path {path!r} is not known; use one of {', '.join(PATHS)}")
+        self.path = path
+        if backend is not None:
+            self.fast_backend = fast.check_backend(backend)
+        return self
+
     def set_attn_implementation(self, name: str) -> None:
         """Switch every layer between "eager" and "sdpa" (no change to the weights)."""
         self.config = dataclasses.replace(self.config, attn_implementation=name)  # validates the name
@@ -271,8 +301,13 @@ class BertForMLM(nn.Module):
             layer.attention["self"].attn_implementation = name
 
     # ---- forward ---------------------------------------------------------------------------------------
-    def _check_inputs(self, input_ids, attention_mask=None, token_type_ids=None, labels=None) -> None:
-        """Validate shapes, dtypes and id ranges with clear UserErrors (one device sync)."""
+    def _check_inputs(self, input_ids, attention_mask=None, token_type_ids=None, labels=None,
+                      check_values: bool = True) -> None:
+        """Validate shapes, dtypes and id ranges with clear UserErrors.
+
+        check_values=False skips the id-range checks, the only part that reads the tensors (one device sync):
+        the fast path's cheap check. An out-of-range id then fails inside the embedding (CPU: IndexError,
+        CUDA: a device-side assert) and an out-of-range label gives a wrong loss."""
         cfg = self.config
         if not isinstance(input_ids, torch.Tensor):
             raise UserError(f"input_ids must be a torch.Tensor, got {type(input_ids).__name__}")
@@ -296,6 +331,10 @@ class BertForMLM(nn.Module):
                 raise UserError(f"{name} shape {tuple(t.shape)} does not match input_ids shape {shape}")
             if name != "attention_mask" and (t.dtype.is_floating_point or t.dtype == torch.bool):
                 raise UserError(f"{name} must be an integer tensor, got dtype {t.dtype}")
+            if t.device != input_ids.device:
+                raise UserError(f"{name} is on {t.device} but input_ids is on {input_ids.device}; move it with .to()")
+        if not check_values:
+            return
         stats = list(torch.aminmax(input_ids))
         if token_type_ids is not None:
             stats += list(torch.aminmax(token_type_ids))
@@ -333,13 +372,67 @@ class BertForMLM(nn.Module):
             x = layer(x, key_mask)  # (B, L, H)
         return x
 
+    def _fast_layer(self, layer: Layer, x: torch.Tensor, keep: Optional[torch.Tensor],
+                    queries: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """One layer on the fast path: (B, L, H) -> (B, L, H), or (B*P, H) at `queries` (B, P) positions only."""
+        from . import fast
+
+        sa = layer.attention["self"]
+
+        def ffn(h: torch.Tensor) -> torch.Tensor:
+            return layer.output(layer.act(layer.intermediate["dense"](h)), h)  # (..., H)
+
+        return fast.encoder_layer(x, sa, sa.n_head, keep, sa.dropout.p if self.training else 0.0, self.fast_backend,
+                                  attn_output=layer.attention["output"], ffn=ffn, scale=sa.scale, queries=queries)
+
+    def encode_fast(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                    token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """`encode` with the fast path's attention (mlmfast.fast.self_attention). Same weights, same hidden
+        states at real tokens; padded positions may differ (the kernel returns 0 there)."""
+        keep = None if attention_mask is None else attention_mask != 0  # (B, L) bool
+        x = self.bert["embeddings"](input_ids, token_type_ids)  # (B, L, H)
+        for layer in self.bert["encoder"]["layer"]:
+            x = self._fast_layer(layer, x, keep)  # (B, L, H)
+        return x
+
     def head(self, hidden: torch.Tensor) -> torch.Tensor:
         """Hidden states (..., H) -> vocabulary logits (..., V)."""
         return self.cls["predictions"](hidden)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                token_type_ids: torch.Tensor | None = None, labels: torch.Tensor | None = None) -> MLMOutput:
-        """logits = head(encode(...)); loss = mean fp32 CE over labels != -100 (0.0 if there are none)."""
+                token_type_ids: torch.Tensor | None = None, labels: torch.Tensor | None = None, *,
+                positions: torch.Tensor | None = None, position_labels: torch.Tensor | None = None,
+                return_logits: bool = False) -> MLMOutput:
+        """loss = mean fp32 CE over the predicted positions (0.0 if there are none).
+
+        Targets: HF-style labels (B, L) (-100 = not predicted), or positions / position_labels (B, P) (unused
+        slots: label -100), as `MaskingOutput` gives them (the fast path then needs no compaction).
+        Reference path: logits = head(encode(...)) (B, L, V), always returned. Fast path (labels or positions
+        given): logits only when return_logits, and then (N, V) for the predicted rows in row-major order
+        (== reference logits[labels != -100]).
+        """
+        from . import fast
+
+        if self.path == "fast" and (labels is not None or positions is not None):
+            self._check_inputs(input_ids, attention_mask, token_type_ids, labels, check_values=False)
+            fast.check_targets(input_ids, labels, positions, position_labels)
+            keep = None if attention_mask is None else attention_mask != 0  # (B, L) bool
+            x = self.bert["embeddings"](input_ids, token_type_ids)  # (B, L, H)
+            *layers, last = self.bert["encoder"]["layer"]
+            for layer in layers:
+                x = self._fast_layer(layer, x, keep)  # (B, L, H)
+            B, L, _ = x.shape
+            pos, lab = fast.target_positions(B, L, x.device, labels if positions is None else None, positions,
+                                             position_labels)  # (B, P) positions to predict
+            rows = self._fast_layer(last, x, keep, queries=pos)  # (B*P, H): the last layer at those rows only
+            sel = fast.compact_rows(rows, lab)  # (C, H) predicted rows first
+            pred = self.cls["predictions"]
+            loss, logits = fast.mlm_head_loss(sel, pred.transform_hidden, pred.decoder.weight, pred.decoder.bias,
+                                              self.fast_backend, return_logits)
+            return MLMOutput(loss=loss, logits=logits)
+        if positions is not None:
+            fast.check_targets(input_ids, None, positions, position_labels)
+            labels = fast.dense_labels(positions, position_labels, input_ids.shape[1])  # (B, L)
         self._check_inputs(input_ids, attention_mask, token_type_ids, labels)
         logits = self.head(self.encode(input_ids, attention_mask, token_type_ids))  # (B, L, V)
         loss = mlm_loss(logits, labels) if labels is not None else None

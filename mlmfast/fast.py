@@ -1,0 +1,247 @@
+"""The fast MLM step's building blocks, shared by `BertForMLM` (path "fast") and `mlmfast.accelerate` (HF models).
+
+    x = embeddings(ids) ─▶ layers 1..n-1: `encoder_layer` (fused attention) ─▶ pos = `target_positions`
+      ─▶ layer n at the predicted positions only (`encoder_layer(queries=pos)`: keys / values from every row)
+      ─▶ `compact_rows` (predicted rows first) ─▶ head transform ─▶ `linear_cross_entropy` ─▶ loss
+
+Dispatch (`backend`, one of BACKENDS), decided per call from the tensors, never from a host sync:
+    "auto"    CUDA tensors: the Triton attention and linear-CE kernels (when triton is installed).
+              CPU tensors: SDPA with an additive padding bias + the chunked PyTorch linear-CE (no interpreter).
+    "kernel"  the Triton kernels wherever they can run: CUDA, or CPU under TRITON_INTERPRET=1 (tests).
+    "torch"   SDPA + the chunked PyTorch linear-CE on every device.
+The last layer always uses SDPA (its queries are fewer than its keys; the Triton kernel wants Lq == Lk).
+mask_select (csrc/, C++ twin on CPU, CUDA kernel on GPU) is the trainer's / collator's business, not this file's.
+
+Targets: compact positions / position_labels [B, P] (as `MaskingOutput` gives them; unused slots -100), or
+HF-style dense labels [B, L] (-100 = not predicted).
+  * static shapes (CUDA tensors, and whenever torch.compile traces): positions are used as they are; dense
+    labels make every position a query of the last layer (P = L: no saving there, still exact). The head's rows
+    (B*P) are compacted, predicted rows first in row-major order, by a cumsum + scatter (no host sync); their
+    number `num_active` stays on the device and the kernels stop there, so the empty tail costs a few idle
+    programs, not FLOPs. Empty slots gather a zero row (an out-of-range index) and pass no gradient.
+  * exact (CPU tensors, eager): the targets become per-row positions, predicted first, P = the largest count in
+    the batch, and `nonzero` picks the predicted rows; on the CPU reading a count is free.
+Either way every label != -100 is predicted exactly once: no capacity cut, no silent drop. A label at a padded
+position is not supported (the kernel's padded query rows are 0; HF collators never label padding).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .attention import _TRITON_FOUND as _ATTN_TRITON_FOUND
+from .attention import attention
+from .errors import UserError
+from .linear_ce import linear_cross_entropy
+from .ops import gather_rows
+
+IGNORE_INDEX = -100
+BACKENDS = ("auto", "kernel", "torch")
+_ATTN_KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_ATTN_KERNEL_MAX_HEAD_DIM = 128
+
+
+def check_backend(backend: str) -> str:
+    if backend not in BACKENDS:
+        raise UserError(f"fast-path backend {backend!r} is not known; use one of {', '.join(BACKENDS)}")
+    return backend
+
+
+def _compiling() -> bool:
+    try:
+        return bool(torch.compiler.is_compiling())
+    except AttributeError:  # very old torch
+        return False
+
+
+# ---- attention -----------------------------------------------------------------------------------------------
+def use_attention_kernel(x: torch.Tensor, head_dim: int, backend: str) -> bool:
+    """Whether `self_attention` calls `mlmfast.attention` (the Triton kernel) rather than SDPA."""
+    if backend == "torch":
+        return False
+    if backend == "auto":
+        return (_ATTN_TRITON_FOUND and x.device.type == "cuda" and x.dtype in _ATTN_KERNEL_DTYPES
+                and head_dim <= _ATTN_KERNEL_MAX_HEAD_DIM)
+    return True  # "kernel": mlmfast.attention (Triton on CUDA / under the interpreter, else its own reference)
+
+
+def padding_bias(keep: Optional[torch.Tensor], dtype: torch.dtype) -> Optional[torch.Tensor]:
+    """(B, L) bool keep-mask -> (B, 1, 1, L) additive bias (0 or the dtype's most negative finite value).
+
+    A finite minimum (not -inf) keeps an all-padding row finite in SDPA, as in the reference model."""
+    if keep is None:
+        return None
+    bias = torch.zeros(keep.shape, dtype=dtype, device=keep.device).masked_fill(~keep, torch.finfo(dtype).min)
+    return bias[:, None, None, :]
+
+
+def self_attention(x: torch.Tensor, query: nn.Module, key: nn.Module, value: nn.Module, num_heads: int,
+                   keep: Optional[torch.Tensor], dropout_p: float, backend: str,
+                   scale: Optional[float] = None) -> torch.Tensor:
+    """Bidirectional multi-head self-attention of x (B, L, H) with the given projections -> (B, L, H).
+
+    keep (B, L) bool: True = real token (padded keys get no attention); None = no padding. dropout_p: attention
+    dropout (pass 0 in eval mode). On the kernel path padded query rows return 0 (SDPA returns finite values);
+    either way they reach neither the loss nor any gradient, because no other position attends to them.
+    """
+    B, L, H = x.shape
+    D = H // num_heads
+    q = query(x).view(B, L, num_heads, D).transpose(1, 2)  # (B, nh, L, D), a view of (B, L, nh, D)
+    k = key(x).view(B, L, num_heads, D).transpose(1, 2)  # (B, nh, L, D)
+    v = value(x).view(B, L, num_heads, D).transpose(1, 2)  # (B, nh, L, D)
+    if use_attention_kernel(q, D, backend):
+        y = attention(q, k, v, key_padding_mask=keep, dropout_p=dropout_p, softmax_scale=scale)  # (B, nh, L, D)
+    else:
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=padding_bias(keep, q.dtype), dropout_p=dropout_p,
+                                           scale=scale)  # (B, nh, L, D)
+    return y.transpose(1, 2).reshape(B, L, H)  # (B, L, H)
+
+
+# ---- row selection --------------------------------------------------------------------------------------------
+@dataclass
+class SelectedRows:
+    hidden: torch.Tensor  # (C, H): the predicted rows first (row-major order), then empty slots (zero rows)
+    labels: torch.Tensor  # (C,) int64: targets of the predicted rows, -100 on empty slots
+    num_active: Optional[torch.Tensor]  # (1,) int64 on the device: number of predicted rows; None = all C rows
+
+
+def check_targets(input_ids: torch.Tensor, labels: Optional[torch.Tensor], positions: Optional[torch.Tensor],
+                  position_labels: Optional[torch.Tensor]) -> None:
+    """Shape / dtype checks of the fast path's targets (no values read: no host sync)."""
+    B, L = input_ids.shape
+    if positions is not None or position_labels is not None:
+        if positions is None or position_labels is None:
+            raise UserError("pass positions and position_labels together (MaskingOutput.positions / "
+                            ".position_labels), or HF-style labels")
+        for name, t in (("positions", positions), ("position_labels", position_labels)):
+            if not isinstance(t, torch.Tensor) or t.dim() != 2 or t.shape[0] != B:
+                raise UserError(f"{name} must be a (batch={B}, P) tensor, got "
+                                f"{tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__}")
+            if t.dtype.is_floating_point or t.dtype == torch.bool:
+                raise UserError(f"{name} must be an integer tensor, got dtype {t.dtype}")
+            if t.device != input_ids.device:
+                raise UserError(f"{name} is on {t.device} but input_ids is on {input_ids.device}")
+        if positions.shape != position_labels.shape:
+            raise UserError(f"positions {tuple(positions.shape)} and position_labels "
+                            f"{tuple(position_labels.shape)} must have the same shape")
+    elif labels is not None and labels.device != input_ids.device:
+        raise UserError(f"labels is on {labels.device} but input_ids is on {input_ids.device}")
+
+
+def dense_labels(positions: torch.Tensor, position_labels: torch.Tensor, seq_len: int) -> torch.Tensor:
+    """(B, P) positions + labels -> (B, L) HF-style labels (-100 elsewhere); for the reference path."""
+    B = positions.shape[0]
+    pos = positions.long()
+    ok = (position_labels != IGNORE_INDEX) & (pos >= 0) & (pos < seq_len)
+    out = torch.full((B, seq_len + 1), IGNORE_INDEX, dtype=torch.long, device=positions.device)
+    out.scatter_(1, torch.where(ok, pos, seq_len), torch.where(ok, position_labels.long(), IGNORE_INDEX))
+    return out[:, :seq_len]
+
+
+def target_positions(batch: int, seq_len: int, device: torch.device, labels: Optional[torch.Tensor] = None,
+                     positions: Optional[torch.Tensor] = None, position_labels: Optional[torch.Tensor] = None,
+                     exact: Optional[bool] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The positions to predict per row: (pos (B, P) int64, lab (B, P) int64); an empty slot has lab -100 and
+    pos = seq_len (out of range: gathers a zero row, gets no gradient).
+
+    static (CUDA / torch.compile): positions are used as they are (P = their width); HF labels (B, L) give
+    P = L, pos = 0..L-1, lab = labels. exact (CPU, eager): each row's predicted positions first (in their
+    order), P = the largest count in the batch (at least 1; reading it is free on the CPU)."""
+    if positions is not None:
+        pos, lab = positions.long(), position_labels.long()
+        ok = (lab != IGNORE_INDEX) & (pos >= 0) & (pos < seq_len)  # (B, P)
+    else:
+        lab = labels.long()
+        ok = lab != IGNORE_INDEX  # (B, L)
+        pos = torch.arange(seq_len, device=device).expand(batch, seq_len)
+    if exact is None:
+        exact = device.type == "cpu" and not _compiling()
+    if exact and ok.numel():
+        P = max(1, int(ok.sum(dim=1).max()))
+        order = torch.sort((~ok).to(torch.int8), dim=1, stable=True).indices[:, :P]  # predicted slots first
+        pos, lab, ok = torch.gather(pos, 1, order), torch.gather(lab, 1, order), torch.gather(ok, 1, order)
+    return torch.where(ok, pos, seq_len), torch.where(ok, lab, IGNORE_INDEX)
+
+
+def compact_rows(rows: torch.Tensor, labels: torch.Tensor, exact: Optional[bool] = None) -> SelectedRows:
+    """rows (M, H) with labels (M,) -> the labelled rows first (see the module docstring)."""
+    M, H = rows.shape
+    lab = labels.reshape(-1).long()
+    ok = lab != IGNORE_INDEX  # (M,)
+    if exact is None:
+        exact = rows.device.type == "cpu" and not _compiling()
+    if exact:
+        keep = ok.nonzero().squeeze(1)  # (N,)
+        if keep.shape[0] == M:
+            return SelectedRows(rows, lab, None)
+        return SelectedRows(rows.index_select(0, keep), lab[keep], None)
+    csum = ok.long().cumsum(0)  # (M,) rank + 1 among labelled rows
+    n = csum[-1:] if M > 0 else csum.new_zeros((1,))  # (1,)
+    slot = torch.arange(M, device=rows.device)
+    dest = torch.where(ok, csum - 1, n + (slot - csum))  # stable: labelled rows first, then the rest
+    order = torch.empty_like(dest).scatter_(0, dest, slot)  # order[dest[i]] = i
+    head = slot < n
+    idx = torch.where(head, order, M)  # (M,) empty slots -> out of range -> zero row
+    out = gather_rows(rows.reshape(1, M, H), idx[None])  # (M, H)
+    return SelectedRows(out, torch.where(head, lab[order], IGNORE_INDEX), n)
+
+
+def select_rows(hidden: torch.Tensor, labels: Optional[torch.Tensor] = None, positions: Optional[torch.Tensor] = None,
+                position_labels: Optional[torch.Tensor] = None, exact: Optional[bool] = None) -> SelectedRows:
+    """The rows of hidden (B, L, H) that the MLM head must predict, labelled rows first (module docstring)."""
+    B, L, H = hidden.shape
+    pos, lab = target_positions(B, L, hidden.device, labels, positions, position_labels, exact)
+    rows = gather_rows(hidden, pos)  # (B*P, H)
+    return compact_rows(rows, lab.reshape(-1), exact)
+
+
+# ---- one encoder layer ---------------------------------------------------------------------------------------
+def encoder_layer(x: torch.Tensor, attn: nn.Module, num_heads: int, keep: Optional[torch.Tensor],
+                  dropout_p: float, backend: str, attn_output: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+                  ffn: Callable[[torch.Tensor], torch.Tensor], scale: Optional[float] = None,
+                  queries: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """A post-LN BERT layer: x = attn_output(attention(x), x); return ffn(x). attn has .query/.key/.value.
+
+    queries (B, P) positions (out-of-range = empty slot): compute the layer's output only at those positions,
+    (B*P, H), with keys and values from every position. Exact: the last layer's output at a position depends on
+    the other positions only through their keys and values. This is how the fast path runs the last layer (the
+    query projection, attention output and feed-forward block on ~15% of the rows), with SDPA (Lq != Lk).
+    """
+    if queries is None:
+        a = self_attention(x, attn.query, attn.key, attn.value, num_heads, keep, dropout_p, backend, scale)
+        return ffn(attn_output(a, x))  # (B, L, H)
+    B, L, H = x.shape
+    P = queries.shape[1]
+    D = H // num_heads
+    xs = gather_rows(x, queries).view(B, P, H)  # (B, P, H) rows at the query positions
+    q = attn.query(xs).view(B, P, num_heads, D).transpose(1, 2)  # (B, nh, P, D)
+    k = attn.key(x).view(B, L, num_heads, D).transpose(1, 2)  # (B, nh, L, D)
+    v = attn.value(x).view(B, L, num_heads, D).transpose(1, 2)  # (B, nh, L, D)
+    y = F.scaled_dot_product_attention(q, k, v, attn_mask=padding_bias(keep, q.dtype), dropout_p=dropout_p,
+                                       scale=scale)  # (B, nh, P, D)
+    xs = attn_output(y.transpose(1, 2).reshape(B, P, H), xs)  # (B, P, H)
+    return ffn(xs).reshape(B * P, H)
+
+
+# ---- the head and the loss ----------------------------------------------------------------------------------
+def mlm_head_loss(sel: SelectedRows, transform: Callable[[torch.Tensor], torch.Tensor], weight: torch.Tensor,
+                  bias: Optional[torch.Tensor], backend: str, return_logits: bool = False
+                  ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """loss = mean CE of decoder(transform(rows)) over the predicted rows (0.0 without any); logits (N, V) of the
+    predicted rows in row-major order only when return_logits (on CUDA that reads their number: a host sync)."""
+    h = transform(sel.hidden)  # (C, H)
+    loss = linear_cross_entropy(h, weight, bias, sel.labels, num_active=sel.num_active, backend=backend)
+    logits = None
+    if return_logits:
+        live = h if sel.num_active is None else h[sel.labels != IGNORE_INDEX]  # (N, H)
+        logits = F.linear(live, weight.to(live.dtype), None if bias is None else bias.to(live.dtype))  # (N, V)
+    return loss, logits
+
+
+__all__ = ["BACKENDS", "SelectedRows", "check_backend", "check_targets", "compact_rows", "dense_labels",
+           "encoder_layer", "mlm_head_loss", "padding_bias", "select_rows", "self_attention", "target_positions",
+           "use_attention_kernel"]

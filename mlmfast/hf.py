@@ -1,0 +1,228 @@
+"""`mlmfast.accelerate(model)`: the fast MLM training step for transformers' own Bert/RobertaForMaskedLM models.
+
+    model = transformers.BertForMaskedLM.from_pretrained(...)
+    mlmfast.accelerate(model)                      # in place; returns the model
+    loss = model(input_ids=ids, attention_mask=am, labels=labels).loss      # the user's loop is unchanged
+    mlmfast.accelerate(model, path="reference")    # back to HF's own forward (one flag away)
+
+What changes: the instance's `forward` (an attribute on the model object; the class is untouched). With
+`labels` (HF-style, -100 = ignore) or `positions` / `position_labels`, it runs
+    HF embeddings ─▶ per layer: HF q/k/v projections ─▶ fused attention (mlmfast.fast.self_attention)
+    ─▶ HF attention-output / intermediate / output modules (the last layer only at the labelled positions)
+    ─▶ labelled rows first (no host sync on CUDA) ─▶ HF head transform ─▶ fused linear + cross-entropy
+    against the HF decoder's weight and bias
+and returns `MaskedLMOutput(loss=..., logits=None)`; logits only with `return_logits=True`, and then only for
+the labelled rows ((N, V), row-major: HF's logits[labels != -100]). Without labels (inference, pipelines) it
+calls HF's own forward, full logits and all.
+What does not change: the weights are the model's own Parameters (no copy), so optimizers, save_pretrained,
+from_pretrained, state_dict and tied embeddings behave as before. Dropout modules are HF's.
+
+Differences from HF that a user can see: the loss of a batch without any labelled token is 0.0 (HF: NaN);
+labels are not range-checked (no host sync); hidden states of padded positions are not computed the same way
+(they reach no loss). Unsupported models and configs raise a UserError saying what is unsupported, never a
+silently different loss: decoders, cross-attention, relative position embeddings, quantized or offloaded
+(device_map hooks) models, non-2-D attention masks, inputs_embeds, output_attentions / output_hidden_states.
+"""
+from __future__ import annotations
+
+import sys
+import types
+from typing import Any, Callable, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torch.utils.checkpoint
+
+from . import fast
+from .errors import UserError
+
+PATHS = ("fast", "reference")
+# class name -> head kind; subclasses of these are accepted too (found through the MRO).
+SUPPORTED = {"BertForMaskedLM": "bert", "RobertaForMaskedLM": "roberta", "XLMRobertaForMaskedLM": "roberta"}
+
+
+# ---- support checks ----------------------------------------------------------------------------------------
+def _head_kind(model: nn.Module) -> Optional[str]:
+    for cls in type(model).__mro__:
+        if cls.__name__ in SUPPORTED:
+            return SUPPORTED[cls.__name__]
+    return None
+
+
+def unsupported_reasons(model: nn.Module) -> list[str]:
+    """Why `accelerate` cannot run this model's fast path (empty list: it can)."""
+    kind = _head_kind(model)
+    if kind is None:
+        return [f"{type(model).__name__} is not supported; supported: {', '.join(SUPPORTED)} "
+                "(for mlmfast's own BertForMLM, accelerate() switches it to its fast path)"]
+    why = []
+    cfg = model.config
+    if getattr(cfg, "is_decoder", False):
+        why.append("config.is_decoder=True (causal attention); the fast path is bidirectional only")
+    if getattr(cfg, "add_cross_attention", False):
+        why.append("config.add_cross_attention=True; the fast path has no cross-attention")
+    pet = getattr(cfg, "position_embedding_type", None)
+    if pet not in (None, "absolute"):
+        why.append(f"config.position_embedding_type={pet!r}; only absolute position embeddings are supported")
+    if getattr(model, "hf_quantizer", None) is not None or getattr(model, "is_quantized", False):
+        why.append("the model is quantized; the fused head needs the decoder weight as a plain tensor")
+    if any(hasattr(m, "_hf_hook") for m in model.modules()):
+        why.append("the model has accelerate device-map / offload hooks; load it on one device instead")
+    base = getattr(model, getattr(model, "base_model_prefix", ""), None)
+    layers = getattr(getattr(base, "encoder", None), "layer", None)
+    if base is None or getattr(base, "embeddings", None) is None or layers is None:
+        why.append("the model has no <base>.embeddings / <base>.encoder.layer modules (an unknown layout)")
+        return why
+    for i, layer in enumerate(layers):
+        sa = getattr(getattr(layer, "attention", None), "self", None)
+        if sa is None or not all(isinstance(getattr(sa, n, None), nn.Linear) for n in ("query", "key", "value")):
+            why.append(f"layer {i}: no attention.self.query/key/value linears (an unknown attention module)")
+            break
+        if getattr(sa, "all_head_size", cfg.hidden_size) != cfg.hidden_size:
+            why.append(f"layer {i}: all_head_size {sa.all_head_size} != hidden_size {cfg.hidden_size}")
+            break
+        if hasattr(layer, "crossattention"):
+            why.append(f"layer {i} has cross-attention")
+            break
+        if not all(hasattr(layer, n) for n in ("intermediate", "output")) or not hasattr(layer.attention, "output"):
+            why.append(f"layer {i}: no attention.output / intermediate / output modules (an unknown layout)")
+            break
+    try:
+        _head(model)
+    except (AttributeError, TypeError) as exc:
+        why.append(f"the MLM head has an unknown layout ({exc})")
+    return why
+
+
+def _head(model: nn.Module) -> tuple[Callable[[torch.Tensor], torch.Tensor], nn.Linear]:
+    """(transform: rows (N, H) -> (N, H), decoder Linear) of the model's MLM head, HF's own modules."""
+    decoder = model.get_output_embeddings()
+    if not isinstance(decoder, nn.Linear):
+        raise TypeError(f"the output embeddings are a {type(decoder).__name__}, not an nn.Linear")
+    if _head_kind(model) == "bert":
+        return model.cls.predictions.transform, decoder
+    head = model.lm_head
+    gelu = getattr(sys.modules.get(type(head).__module__), "gelu", None) or F.gelu  # the function HF's head calls
+    dense, norm = head.dense, head.layer_norm
+
+    def transform(x: torch.Tensor) -> torch.Tensor:
+        return norm(gelu(dense(x)))  # RobertaLMHead.forward without its decoder
+
+    return transform, decoder
+
+
+# ---- the forward that replaces HF's ------------------------------------------------------------------------
+_IGNORED_KWARGS = ("num_items_in_batch", "use_cache", "return_dict")  # HF ignores them for an MLM loss too
+
+
+def _fast_forward(self, input_ids: Optional[torch.Tensor] = None, attention_mask: Optional[torch.Tensor] = None,
+                  token_type_ids: Optional[torch.Tensor] = None, position_ids: Optional[torch.Tensor] = None,
+                  inputs_embeds: Optional[torch.Tensor] = None, encoder_hidden_states: Optional[torch.Tensor] = None,
+                  encoder_attention_mask: Optional[torch.Tensor] = None, labels: Optional[torch.Tensor] = None, *,
+                  positions: Optional[torch.Tensor] = None, position_labels: Optional[torch.Tensor] = None,
+                  return_logits: bool = False, **kwargs: Any):
+    """HF's MLM forward signature, plus positions / position_labels (B, P) and return_logits (see the module)."""
+    from transformers.modeling_outputs import MaskedLMOutput
+
+    if labels is None and positions is None:  # inference: HF's own forward, full logits
+        return type(self).forward(self, input_ids=input_ids, attention_mask=attention_mask,
+                                  token_type_ids=token_type_ids, position_ids=position_ids, inputs_embeds=inputs_embeds,
+                                  encoder_hidden_states=encoder_hidden_states,
+                                  encoder_attention_mask=encoder_attention_mask, **kwargs)
+    for name, value in (("inputs_embeds", inputs_embeds), ("encoder_hidden_states", encoder_hidden_states),
+                        ("encoder_attention_mask", encoder_attention_mask)):
+        if value is not None:
+            raise UserError(f"mlmfast.accelerate: {name} is not supported on the fast path; pass input_ids, or "
+                            "switch back with mlmfast.accelerate(model, path='reference')")
+    for name in ("output_attentions", "output_hidden_states"):
+        if kwargs.get(name):
+            raise UserError(f"mlmfast.accelerate: {name}=True is not supported on the fast path (the fused kernels "
+                            "keep neither); switch back with mlmfast.accelerate(model, path='reference')")
+    return_dict = kwargs.get("return_dict", None)
+    _check_inputs(input_ids, attention_mask, token_type_ids, labels)
+    if labels is not None:
+        labels = labels.to(input_ids.device)
+    fast.check_targets(input_ids, labels, positions, position_labels)
+    backend = self._mlmfast_backend
+    base = getattr(self, self.base_model_prefix)
+    keep = None if attention_mask is None else attention_mask.to(input_ids.device) != 0  # (B, L) bool
+    x = base.embeddings(input_ids=input_ids, token_type_ids=token_type_ids, position_ids=position_ids)  # (B, L, H)
+    *layers, last = base.encoder.layer
+    for layer in layers:
+        if getattr(layer, "gradient_checkpointing", False) and self.training and torch.is_grad_enabled():
+            x = torch.utils.checkpoint.checkpoint(_layer, layer, x, keep, backend, self.training, None,
+                                                  use_reentrant=False)
+        else:
+            x = _layer(layer, x, keep, backend, self.training)
+    B, L, _ = x.shape
+    pos, lab = fast.target_positions(B, L, x.device, labels if positions is None else None, positions,
+                                     position_labels)  # (B, P) positions to predict
+    rows = _layer(last, x, keep, backend, self.training, pos)  # (B*P, H): the last layer at those rows only
+    sel = fast.compact_rows(rows, lab)  # (C, H), labelled rows first
+    transform, decoder = _head(self)
+    loss, logits = fast.mlm_head_loss(sel, transform, decoder.weight, decoder.bias, backend, return_logits)
+    out = MaskedLMOutput(loss=loss, logits=logits)
+    return out.to_tuple() if return_dict is False else out
+
+
+def _layer(layer: nn.Module, x: torch.Tensor, keep: Optional[torch.Tensor], backend: str, training: bool,
+           queries: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """One HF encoder layer with the fast attention core (at `queries` only, when given: see
+    fast.encoder_layer); every other module is HF's own."""
+    sa = layer.attention.self
+    return fast.encoder_layer(
+        x, sa, sa.num_attention_heads, keep, sa.dropout.p if training else 0.0, backend,
+        attn_output=layer.attention.output,  # dense -> dropout -> LayerNorm(+ x)
+        ffn=lambda h: layer.output(layer.intermediate(h), h),  # feed-forward (HF's chunking does not change the math)
+        scale=getattr(sa, "scaling", None), queries=queries)
+
+
+def _check_inputs(input_ids, attention_mask, token_type_ids, labels) -> None:
+    """Shapes and dtypes only: nothing here reads a tensor's values (no host sync)."""
+    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
+        got = tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
+        raise UserError(f"mlmfast.accelerate: input_ids must be a 2-D (batch, seq_len) tensor, got {got}")
+    if input_ids.dtype.is_floating_point or input_ids.dtype == torch.bool:
+        raise UserError(f"mlmfast.accelerate: input_ids must hold integer ids, got {input_ids.dtype}")
+    shape = tuple(input_ids.shape)
+    for name, t in (("attention_mask", attention_mask), ("token_type_ids", token_type_ids), ("labels", labels)):
+        if t is not None and tuple(t.shape) != shape:
+            raise UserError(f"mlmfast.accelerate: {name} has shape {tuple(t.shape)}, expected {shape} "
+                            "(4-D attention masks are not supported on the fast path)")
+
+
+# ---- the public function -------------------------------------------------------------------------------------
+def accelerate(model: nn.Module, *, path: str = "fast", backend: str = "auto") -> nn.Module:
+    """Run `model`'s MLM training step on mlmfast's fast path, in place; returns the model.
+
+    model: transformers BertForMaskedLM / RobertaForMaskedLM / XLMRobertaForMaskedLM (or subclasses), or
+    mlmfast's BertForMLM (then this is `model.set_path(path, backend)`). path "fast" | "reference" (HF's own
+    forward). backend "auto" | "kernel" | "torch" (see mlmfast.fast). Raises UserError, listing every reason,
+    when the model or its config cannot run the fast path.
+    """
+    from .model import BertForMLM
+
+    if path not in PATHS:
+        raise UserError(f"mlmfast.accelerate: path {path!r} is not known; use one of {', '.join(PATHS)}")
+    fast.check_backend(backend)
+    if isinstance(model, BertForMLM):
+        return model.set_path(path, backend)
+    if path == "reference":
+        model.__dict__.pop("forward", None)
+        model.__dict__.pop("_mlmfast_backend", None)
+        return model
+    why = unsupported_reasons(model)
+    if why:
+        raise UserError("mlmfast.accelerate cannot run this model's fast path: " + "; ".join(why))
+    model._mlmfast_backend = backend
+    model.forward = types.MethodType(_fast_forward, model)
+    return model
+
+
+def is_accelerated(model: nn.Module) -> bool:
+    from .model import BertForMLM
+
+    if isinstance(model, BertForMLM):
+        return model.path == "fast"
+    return "forward" in model.__dict__ and getattr(model.forward, "__func__", None) is _fast_forward

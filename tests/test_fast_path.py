@@ -1,0 +1,362 @@
+"""The fast MLM step end to end: BertForMLM path "fast" and `mlmfast.accelerate` on transformers' own models,
+against the reference (full logits) with the same targets: the loss and every parameter gradient (fp32, within
+1e-4 relative), with padding, awkward lengths, batch 1, all-padding rows, rows with nothing selected."""
+import importlib.util
+
+import pytest
+import torch
+
+import mlmfast
+from mlmfast import fast
+from mlmfast.config import ModelConfig
+from mlmfast.errors import UserError
+from mlmfast.model import BertForMLM
+from mlmfast.ops import mask_select
+
+HAS_TRITON = importlib.util.find_spec("triton") is not None
+REL = 1e-4  # loss and every gradient: |fast - ref| <= REL * max|ref| + ABS
+ABS = 1e-8  # floor for gradients that are 0 in exact arithmetic (e.g. the key bias: softmax is shift-invariant)
+V = 97
+
+
+def tiny_config(**kw):
+    base = dict(vocab_size=V, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, max_position_embeddings=160,
+                pad_token_id=0)
+    base.update(kw)
+    return ModelConfig(**base)
+
+
+def batch(B, L, seed=0, pad_rows=True):
+    """ids (B, L), attention mask with right padding (row 1 short, the last row all padding when B > 2),
+    labels at ~30% of the real tokens (row 0 has none when B > 3)."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(5, V, (B, L), generator=g)
+    am = torch.ones(B, L, dtype=torch.long)
+    if pad_rows and B > 1:
+        am[1, max(1, L // 2):] = 0
+    if pad_rows and B > 2:
+        am[-1] = 0
+    ids[am == 0] = 0
+    labels = torch.where(torch.rand(B, L, generator=g) < 0.3, ids, -100)
+    labels[am == 0] = -100
+    if B > 3:
+        labels[0] = -100
+    if (labels != -100).sum() == 0:
+        labels[0, 0] = ids[0, 0]
+    return ids, am, labels
+
+
+def run(model, **inputs):
+    model.zero_grad(set_to_none=True)
+    out = model(**inputs)
+    out.loss.backward()
+    return out.loss.detach(), {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def assert_same(fast_run, ref_run):
+    (lf, gf), (lr, gr) = fast_run, ref_run
+    assert torch.isfinite(lf)
+    assert abs(lf.item() - lr.item()) <= REL * abs(lr.item()) + 1e-7, (lf.item(), lr.item())
+    assert set(gf) == set(gr)
+    bad = {n: ((gf[n] - gr[n]).abs().max().item(), gr[n].abs().max().item())
+           for n in gr if not (gf[n] - gr[n]).abs().max() <= REL * gr[n].abs().max() + ABS}
+    assert not bad, bad
+
+
+@pytest.fixture(params=["exact", "static"])
+def selection(request, monkeypatch):
+    """exact: nonzero on the CPU (the CPU path); static: the capacity + compaction used on CUDA / under compile."""
+    if request.param == "static":
+        monkeypatch.setattr(fast, "_compiling", lambda: True)
+    return request.param
+
+
+# ---- BertForMLM -------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("B,L", [(1, 1), (4, 17), (3, 127), (2, 129), (1, 17)])
+def test_bertformlm_fast_matches_reference_labels(B, L, selection):
+    torch.manual_seed(0)
+    model = BertForMLM(tiny_config())
+    ids, am, labels = batch(B, L)
+    ref = run(model.set_path("reference"), input_ids=ids, attention_mask=am, labels=labels)
+    got = run(model.set_path("fast", "torch"), input_ids=ids, attention_mask=am, labels=labels)
+    assert_same(got, ref)
+
+
+@pytest.mark.parametrize("B,L", [(4, 17), (2, 129)])
+def test_bertformlm_fast_matches_reference_positions(B, L, selection):
+    torch.manual_seed(1)
+    model = BertForMLM(tiny_config())
+    ids, am, _ = batch(B, L)
+    m = mask_select(ids, mask_token_id=4, vocab_size=V, special_token_ids=[0, 1, 2, 3, 4], attention_mask=am, seed=3)
+    inputs = dict(input_ids=m.input_ids, attention_mask=am, positions=m.positions, position_labels=m.position_labels)
+    ref = run(model.set_path("reference"), **inputs)  # dense labels from the same positions
+    ref_labels = run(model, input_ids=m.input_ids, attention_mask=am, labels=m.labels)
+    assert_same(ref, ref_labels)
+    got = run(model.set_path("fast", "torch"), **inputs)
+    assert_same(got, ref)
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+@pytest.mark.parametrize("B,L", [(3, 17), (2, 129)])
+def test_bertformlm_fast_kernels_under_interpreter(B, L):
+    # backend "kernel": the Triton attention (layers 1..n-1) and linear-CE kernels, run by Triton's interpreter
+    torch.manual_seed(2)
+    model = BertForMLM(tiny_config())
+    ids, am, labels = batch(B, L, seed=4)
+    ref = run(model.set_path("reference"), input_ids=ids, attention_mask=am, labels=labels)
+    got = run(model.set_path("fast", "kernel"), input_ids=ids, attention_mask=am, labels=labels)
+    assert_same(got, ref)
+
+
+def test_bertformlm_return_logits_and_defaults(selection):
+    torch.manual_seed(3)
+    model = BertForMLM(tiny_config())
+    assert model.path == "reference" and model.fast_backend == "auto"
+    ids, am, labels = batch(4, 17)
+    full = model(ids, attention_mask=am).logits  # reference, (B, L, V)
+    model.set_path("fast")
+    out = model(ids, attention_mask=am, labels=labels)
+    assert out.logits is None
+    out = model(ids, attention_mask=am, labels=labels, return_logits=True)
+    torch.testing.assert_close(out.logits, full[labels != -100], rtol=1e-5, atol=1e-5)
+    # no targets: the fast path returns the reference's full logits (inference, evaluation)
+    torch.testing.assert_close(model(ids, attention_mask=am).logits, full)
+
+
+def test_bertformlm_untied_and_no_padding_mask():
+    torch.manual_seed(4)
+    model = BertForMLM(tiny_config(tie_word_embeddings=False, hidden_act="gelu_new"))
+    ids, _, labels = batch(3, 17, pad_rows=False)
+    ref = run(model.set_path("reference"), input_ids=ids, labels=labels)
+    got = run(model.set_path("fast"), input_ids=ids, labels=labels)
+    assert_same(got, ref)
+
+
+def test_bertformlm_all_labels_ignored_gives_zero():
+    model = BertForMLM(tiny_config()).set_path("fast")
+    ids, am, _ = batch(3, 9)
+    loss, grads = run(model, input_ids=ids, attention_mask=am, labels=torch.full_like(ids, -100))
+    assert loss.item() == 0.0
+    assert all(torch.equal(g, torch.zeros_like(g)) for g in grads.values())
+
+
+def test_bertformlm_bad_targets_are_user_errors():
+    model = BertForMLM(tiny_config()).set_path("fast")
+    ids, am, labels = batch(2, 9)
+    with pytest.raises(UserError, match="together"):
+        model(ids, attention_mask=am, positions=torch.zeros(2, 3, dtype=torch.long))
+    with pytest.raises(UserError, match="same shape"):
+        model(ids, positions=torch.zeros(2, 3, dtype=torch.long), position_labels=torch.zeros(2, 4, dtype=torch.long))
+    with pytest.raises(UserError, match="labels shape"):
+        model(ids, labels=labels[:, :4])
+    with pytest.raises(UserError, match="path"):
+        model.set_path("turbo")
+    with pytest.raises(UserError, match="backend"):
+        model.set_path("fast", "cuda")
+
+
+def test_select_rows_static_equals_exact():
+    h = torch.randn(3, 11, 8)
+    _, _, labels = batch(3, 11)
+    a = fast.select_rows(h, labels=labels, exact=True)
+    b = fast.select_rows(h, labels=labels, exact=False)
+    n = int(b.num_active)
+    assert a.num_active is None and n == int((labels != -100).sum())
+    assert torch.equal(a.hidden, b.hidden[:n]) and torch.equal(a.labels, b.labels[:n])
+    assert torch.equal(b.hidden[n:], torch.zeros_like(b.hidden[n:])) and (b.labels[n:] == -100).all()
+
+
+# ---- transformers models ----------------------------------------------------------------------------------------
+transformers = pytest.importorskip("transformers")
+
+
+def hf_model(kind, **kw):
+    cfg = dict(vocab_size=V, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+               hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, max_position_embeddings=200, pad_token_id=0)
+    cfg.update(kw)
+    torch.manual_seed(5)
+    if kind == "bert":
+        return transformers.BertForMaskedLM(transformers.BertConfig(**cfg))
+    if kind == "roberta":
+        cfg["pad_token_id"] = 1
+        return transformers.RobertaForMaskedLM(transformers.RobertaConfig(**cfg))
+    cfg["pad_token_id"] = 1
+    return transformers.XLMRobertaForMaskedLM(transformers.XLMRobertaConfig(**cfg))
+
+
+def hf_batch(model, B, L, seed=0, all_pad_row=False):
+    ids, am, labels = batch(B, L, seed=seed, pad_rows=False)
+    am[min(1, B - 1), max(1, L // 2):] = 0
+    if all_pad_row:
+        am[-1] = 0
+    ids[am == 0] = model.config.pad_token_id
+    labels[am == 0] = -100
+    if (labels != -100).sum() == 0:
+        labels[0, 0] = ids[0, 0]
+    return ids, am, labels
+
+
+@pytest.mark.parametrize("kind", ["bert", "roberta", "xlm-roberta"])
+@pytest.mark.parametrize("B,L", [(3, 17), (1, 1), (2, 129)])
+def test_accelerated_hf_matches_hf(kind, B, L, selection):
+    model = hf_model(kind)
+    ids, am, labels = hf_batch(model, B, L)
+    ref = run(model, input_ids=ids, attention_mask=am, labels=labels)
+    mlmfast.accelerate(model)
+    got = run(model, input_ids=ids, attention_mask=am, labels=labels)
+    assert_same(got, ref)
+    mlmfast.accelerate(model, path="reference")  # HF's own forward again
+    assert_same(run(model, input_ids=ids, attention_mask=am, labels=labels), ref)
+
+
+@pytest.mark.parametrize("kind", ["bert", "roberta"])
+def test_accelerated_hf_all_padding_row_and_positions(kind):
+    model = hf_model(kind)
+    ids, am, labels = hf_batch(model, 4, 17, seed=1, all_pad_row=True)
+    ref = run(model, input_ids=ids, attention_mask=am, labels=labels)
+    if not torch.isfinite(ref[0]) or not all(torch.isfinite(g).all() for g in ref[1].values()):
+        pytest.skip("this transformers version gives non-finite values on an all-padding row")
+    mlmfast.accelerate(model)
+    assert_same(run(model, input_ids=ids, attention_mask=am, labels=labels), ref)
+    m = mask_select(ids, mask_token_id=4, vocab_size=V, special_token_ids=[0, 1, 2, 3, 4], attention_mask=am, seed=7)
+    mlmfast.accelerate(model, path="reference")
+    ref = run(model, input_ids=m.input_ids, attention_mask=am, labels=m.labels)
+    mlmfast.accelerate(model)
+    got = run(model, input_ids=m.input_ids, attention_mask=am, positions=m.positions,
+              position_labels=m.position_labels)
+    assert_same(got, ref)
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")  # gradient_checkpointing_enable's rename in transformers 5.2x
+def test_accelerated_hf_logits_tuple_inference_and_checkpointing():
+    model = hf_model("bert")
+    ids, am, labels = hf_batch(model, 3, 17)
+    full = model(input_ids=ids, attention_mask=am).logits
+    ref = run(model, input_ids=ids, attention_mask=am, labels=labels)
+    mlmfast.accelerate(model)
+    assert mlmfast.hf.is_accelerated(model)
+    out = model(input_ids=ids, attention_mask=am, labels=labels)
+    assert out.logits is None
+    out = model(input_ids=ids, attention_mask=am, labels=labels, return_logits=True)
+    torch.testing.assert_close(out.logits, full[labels != -100], rtol=1e-5, atol=1e-5)
+    tup = model(input_ids=ids, attention_mask=am, labels=labels, return_dict=False)
+    assert isinstance(tup, tuple) and tup[0].dim() == 0
+    torch.testing.assert_close(model(input_ids=ids, attention_mask=am).logits, full)  # no labels: HF's forward
+    model.gradient_checkpointing_enable()
+    model.train()
+    assert_same(run(model, input_ids=ids, attention_mask=am, labels=labels), ref)
+
+
+def test_accelerated_hf_save_pretrained_roundtrip(tmp_path):
+    model = hf_model("bert")
+    ids, am, labels = hf_batch(model, 3, 17)
+    mlmfast.accelerate(model)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    run(model, input_ids=ids, attention_mask=am, labels=labels)
+    opt.step()  # the step updates the HF model's own (tied) parameters
+    assert model.cls.predictions.decoder.weight is model.bert.embeddings.word_embeddings.weight
+    model.save_pretrained(tmp_path)
+    loaded = transformers.BertForMaskedLM.from_pretrained(tmp_path)
+    for (k, a), (_, b) in zip(model.state_dict().items(), loaded.state_dict().items()):
+        assert torch.equal(a, b), k
+    assert_same(run(mlmfast.accelerate(loaded), input_ids=ids, attention_mask=am, labels=labels),
+                run(model, input_ids=ids, attention_mask=am, labels=labels))
+
+
+def test_accelerate_bertformlm_is_set_path():
+    model = BertForMLM(tiny_config())
+    assert mlmfast.accelerate(model) is model and model.path == "fast"
+    mlmfast.accelerate(model, path="reference")
+    assert model.path == "reference"
+
+
+def test_unsupported_models_and_calls_are_reported():
+    with pytest.raises(UserError, match="is_decoder"):
+        mlmfast.accelerate(hf_model("bert", is_decoder=True))
+    cls_model = transformers.BertForSequenceClassification(transformers.BertConfig(
+        vocab_size=V, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64))
+    with pytest.raises(UserError, match="not supported"):
+        mlmfast.accelerate(cls_model)
+    with pytest.raises(UserError, match="path"):
+        mlmfast.accelerate(hf_model("bert"), path="turbo")
+    model = mlmfast.accelerate(hf_model("bert"))
+    ids, am, labels = hf_batch(model, 2, 9)
+    with pytest.raises(UserError, match="output_attentions"):
+        model(input_ids=ids, attention_mask=am, labels=labels, output_attentions=True)
+    with pytest.raises(UserError, match="inputs_embeds"):
+        model(inputs_embeds=torch.randn(2, 9, 32), attention_mask=am, labels=labels)
+    with pytest.raises(UserError, match="4-D"):
+        model(input_ids=ids, attention_mask=am[:, None, None, :], labels=labels)
+
+
+# ---- the trainer ------------------------------------------------------------------------------------------------
+def test_trainer_path_config_and_cli():
+    from mlmfast.cli import build_parser
+    from mlmfast.trainer import TrainConfig
+
+    assert TrainConfig().path == "fast"
+    with pytest.raises(UserError, match="path"):
+        TrainConfig(path="turbo").validate()
+    args = build_parser().parse_args(["train", "--path", "reference"])
+    assert args.path == "reference"
+    assert build_parser().parse_args(["train"]).path == "fast"
+
+
+# ---- GPU ---------------------------------------------------------------------------------------------------------
+def _gpu_batch(device, B=8, L=128, V_=1000):
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(5, V_, (B, L), generator=g)
+    am = torch.ones(B, L, dtype=torch.long)
+    am[1, L // 3:] = 0
+    am[-1] = 0
+    m = mask_select(ids, mask_token_id=4, vocab_size=V_, special_token_ids=[0, 1, 2, 3, 4], attention_mask=am, seed=1)
+    return m.input_ids.to(device), am.to(device), m.labels.to(device), m.positions.to(device), \
+        m.position_labels.to(device)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_gpu_low_precision_fast_vs_fp32_reference(cuda_device, dtype):
+    cfg = tiny_config(vocab_size=1000, hidden_size=256, num_attention_heads=4, intermediate_size=1024,
+                      max_position_embeddings=512)
+    torch.manual_seed(0)
+    model = BertForMLM(cfg).to(cuda_device)
+    ids, am, labels, pos, plab = _gpu_batch(cuda_device)
+    ref = run(model.set_path("reference"), input_ids=ids, attention_mask=am, labels=labels)
+    model.set_path("fast")
+    with torch.autocast("cuda", dtype=dtype):
+        got = run(model, input_ids=ids, attention_mask=am, positions=pos, position_labels=plab)
+    assert abs(got[0].item() - ref[0].item()) <= 2e-2 * abs(ref[0].item())
+    for n, g in ref[1].items():
+        err = (got[1][n].float() - g).abs().max().item()
+        assert err <= 5e-2 * g.abs().max().item() + 1e-4, (n, err)
+
+
+@pytest.mark.gpu
+def test_gpu_fast_step_has_no_host_sync_and_compiles_fullgraph(cuda_device):
+    cfg = tiny_config(vocab_size=1000, hidden_size=128, num_attention_heads=2, intermediate_size=512,
+                      max_position_embeddings=512, hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1)
+    model = BertForMLM(cfg).to(cuda_device).set_path("fast").train()
+    ids, am, labels, pos, plab = _gpu_batch(cuda_device)
+    for inputs in (dict(labels=labels), dict(positions=pos, position_labels=plab)):
+        model(ids, attention_mask=am, **inputs).loss.backward()  # warm-up (Triton compiles, lazy imports)
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                loss = model(ids, attention_mask=am, **inputs).loss
+            loss.backward()
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+    compiled = torch.compile(model, fullgraph=True)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        loss = compiled(ids, attention_mask=am, positions=pos, position_labels=plab).loss
+    loss.backward()
+    assert torch.isfinite(loss)
+    hf = mlmfast.accelerate(hf_model("bert", vocab_size=1000, max_position_embeddings=512).to(cuda_device))
+    compiled_hf = torch.compile(hf, fullgraph=True)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        loss = compiled_hf(input_ids=ids, attention_mask=am, labels=labels).loss
+    loss.backward()
+    assert torch.isfinite(loss)
