@@ -12,11 +12,13 @@ Conventions:
   * q, k, v, out, dq, dk, dv are [B, H, L, D] views with a unit stride on D; any other strides are honoured, so
     a [B, L, H, D] tensor passed as `x.transpose(1, 2)` costs no copy. Outputs take the layout of the input
     they belong to (see `_alloc_like`): [B, L, H, D] storage in, [B, L, H, D] storage out.
-  * Padding of row b is described by `bounds[b] = (lo, hi)` (kept positions lie in [lo, hi)) plus, when the
-    key-padding mask is not a plain right padding, a per-position mask `kmask[b, j]`. A position is kept iff
-    lo <= j < hi and kmask[b, j]. Key blocks outside [lo, hi) are skipped, not just masked. Padded query rows
-    output exactly 0 and their LSE is +inf, which makes every recomputed probability of that row exactly 0 in
-    the backward (so they send exactly 0 gradient anywhere).
+  * Padding of row b is described by `bounds[b] = (lo, hi)` (kept positions lie in [lo, hi)) plus, when a
+    key_padding_mask is given, a per-position mask `kmask[b, j]`. A position is kept iff lo <= j < hi and
+    kmask[b, j]. Blocks outside [lo, hi) are skipped, not just masked, and padded positions are never read
+    (NaN there changes nothing). Padded query rows output exactly 0 and their LSE is +inf, which makes every
+    recomputed probability of that row exactly 0 in the backward (so they send exactly 0 gradient anywhere).
+  * Precision: fp32 accumulation and softmax statistics; 16-bit inputs feed P and dS to the tensor cores in the
+    input dtype; fp32 inputs use TF32 dots on the GPU (see `_dot_precision`).
   * Dropout uses Philox-4x32-10 keyed by a 64-bit seed, with counter (i * cdiv(L, 8) + j // 8, b * H + h, 0, 0):
     one call gives 8 draws of 16 bits for 8 consecutive keys of query i. A key is kept iff its draw is
     >= round(p * 65536). The mask depends only on (seed, b, h, i, j, L): the backward regenerates it exactly,
@@ -141,14 +143,15 @@ def _dropout_keep(
     # 8 draws of 16 bits for the keys 8 * (j // 8) ... + 7. The order of the draws inside a group is whatever
     # the joins below produce; it is the same in every kernel because they all call this function.
     g = start_n // 8 + tl.arange(0, BLOCK_N // 8)  # [BLOCK_N / 8] key groups
-    c0 = offs_m.to(tl.uint32)[:, None] * n_groups.to(tl.uint32) + g.to(tl.uint32)[None, :]
+    # (n_groups and p_thresh may be constexprs: Triton specialises integer arguments equal to 1; no .to() on them)
+    c0 = offs_m.to(tl.uint32)[:, None] * n_groups + g.to(tl.uint32)[None, :]  # uint32 (C promotion rules)
     c1 = tl.zeros_like(c0) + bh.to(tl.uint32)
     zero = tl.zeros_like(c0)
     r0, r1, r2, r3 = tl.philox(seed, c0, c1, zero, zero)
     r = tl.join(tl.join(r0, r1), tl.join(r2, r3))  # [BLOCK_M, BLOCK_N / 8, 2, 2] uint32
     r = tl.join(r & 0xFFFF, r >> 16)  # [BLOCK_M, BLOCK_N / 8, 2, 2, 2] 16-bit draws
     r = tl.reshape(r, (BLOCK_M, BLOCK_N))
-    return r >= p_thresh.to(tl.uint32)
+    return r >= p_thresh
 
 
 @triton.jit
@@ -217,8 +220,9 @@ def _attn_fwd_kernel(
     DOT_PREC: tl.constexpr,  # tl.dot input precision for fp32 inputs: "ieee" or "tf32"
 ):
     # 1. The program owns query rows [start_m, start_m + BLOCK_M) of (b, h).
-    start_m = tl.program_id(0) * BLOCK_M
-    bh = tl.program_id(1)
+    n_blocks = tl.cdiv(L, BLOCK_M)  # 1-D grid (no 65535 limit on B * H); a head's blocks run together
+    start_m = (tl.program_id(0) % n_blocks) * BLOCK_M
+    bh = tl.program_id(0) // n_blocks
     b = bh // H
     h = bh % H
     lo = tl.load(BOUNDS + 2 * b)
@@ -279,8 +283,9 @@ def _attn_bwd_preprocess_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
 ):
     # 1. The program owns rows [start_m, start_m + BLOCK_M) of (b, h).
-    start_m = tl.program_id(0) * BLOCK_M
-    bh = tl.program_id(1)
+    n_blocks = tl.cdiv(L, BLOCK_M)  # 1-D grid (no 65535 limit on B * H); a head's blocks run together
+    start_m = (tl.program_id(0) % n_blocks) * BLOCK_M
+    bh = tl.program_id(0) // n_blocks
     b = bh // H
     h = bh % H
     offs_m = start_m + tl.arange(0, BLOCK_M)
@@ -371,8 +376,9 @@ def _attn_bwd_dkdv_kernel(
     HAS_MASK: tl.constexpr, DROPOUT: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
     # 1. The program owns keys [start_n, start_n + BLOCK_N) of (b, h).
-    start_n = tl.program_id(0) * BLOCK_N
-    bh = tl.program_id(1)
+    n_blocks = tl.cdiv(L, BLOCK_N)  # 1-D grid (no 65535 limit on B * H); a head's blocks run together
+    start_n = (tl.program_id(0) % n_blocks) * BLOCK_N
+    bh = tl.program_id(0) // n_blocks
     b = bh // H
     h = bh % H
     lo = tl.load(BOUNDS + 2 * b)
@@ -486,8 +492,9 @@ def _attn_bwd_dq_kernel(
     HAS_MASK: tl.constexpr, DROPOUT: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
     # 1. The program owns query rows [start_m, start_m + BLOCK_M) of (b, h); padded rows are not read.
-    start_m = tl.program_id(0) * BLOCK_M
-    bh = tl.program_id(1)
+    n_blocks = tl.cdiv(L, BLOCK_M)  # 1-D grid (no 65535 limit on B * H); a head's blocks run together
+    start_m = (tl.program_id(0) % n_blocks) * BLOCK_M
+    bh = tl.program_id(0) // n_blocks
     b = bh // H
     h = bh % H
     lo = tl.load(BOUNDS + 2 * b)
@@ -544,9 +551,11 @@ def _dropout_mask_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     # 1. The program owns the tile (rows start_m.., keys start_n..) of (b, h).
-    start_m = tl.program_id(0) * BLOCK_M
-    start_n = tl.program_id(1) * BLOCK_N
-    bh = tl.program_id(2)
+    n_m, n_n = tl.cdiv(L, BLOCK_M), tl.cdiv(L, BLOCK_N)  # 1-D grid over (m block, n block, b * H + h)
+    pid = tl.program_id(0)
+    start_m = (pid % n_m) * BLOCK_M
+    start_n = ((pid // n_m) % n_n) * BLOCK_N
+    bh = pid // (n_m * n_n)
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_n = start_n + tl.arange(0, BLOCK_N)
     # 2. The same draws as the attention kernels.
@@ -572,8 +581,9 @@ class KernelConfig:
 # (BLOCK_M, BLOCK_N, num_warps, num_stages); "plain" has neither a per-key mask nor dropout, "dropout" covers
 # dropout with or without a mask. For each entry the first of a list of candidates (largest tiles first) that
 # compiles without a register spill with triton 3.9 for every head dim of its BLOCK_D, fp16 and bf16 alike
-# (`python -m mlmfast.kernels.compile_check --all-variants`); not yet tuned for speed on a GPU (`benchmarks/bench_attention.py --sweep`). arch 80 covers sm_80..sm_89; fp32 inputs run
-# TF32 dots. dkdv: BLOCK_N keys per program, BLOCK_M query rows per step; fwd/dq: BLOCK_M rows per program.
+# (`python -m mlmfast.kernels.compile_check --all-variants`); not yet tuned for speed on a GPU
+# (`benchmarks/bench_attention.py --sweep`). arch 80 covers sm_80..sm_89; fp32 inputs run TF32 dots.
+# dkdv: BLOCK_N keys per program, BLOCK_M query rows per step; fwd / dq: BLOCK_M query rows per program.
 _CONFIG_TABLE: dict[tuple[int, bool, str], dict[int, tuple[tuple[int, int, int, int], ...]]] = {
     # sm_90, 16-bit inputs
     (90, True, "fwd"): {
@@ -616,7 +626,7 @@ _CONFIG_TABLE: dict[tuple[int, bool, str], dict[int, tuple[tuple[int, int, int, 
     # sm_80, 16-bit inputs
     (80, True, "fwd"): {
         16: ((128, 64, 4, 3), (128, 64, 4, 3), (128, 64, 4, 3)),
-        32: ((128, 64, 4, 3), (128, 64, 4, 3), (128, 64, 4, 3)),
+        32: ((128, 64, 4, 3), (128, 64, 4, 3), (128, 64, 8, 3)),
         64: ((128, 64, 8, 3), (128, 64, 8, 3), (128, 64, 8, 3)),
         128: ((128, 64, 8, 3), (128, 64, 8, 3), (128, 32, 8, 2)),
     },
@@ -636,8 +646,8 @@ _CONFIG_TABLE: dict[tuple[int, bool, str], dict[int, tuple[tuple[int, int, int, 
     (80, False, "fwd"): {
         16: ((64, 64, 4, 2), (64, 64, 4, 2), (64, 64, 4, 2)),
         32: ((64, 64, 4, 2), (64, 64, 4, 2), (64, 64, 4, 2)),
-        64: ((64, 64, 4, 2), (64, 32, 4, 2), (64, 64, 4, 2)),
-        128: ((64, 64, 4, 2), (32, 32, 4, 2), (32, 32, 4, 2)),
+        64: ((64, 64, 8, 2), (64, 32, 4, 2), (64, 64, 8, 2)),
+        128: ((64, 64, 8, 2), (32, 32, 4, 2), (32, 32, 4, 2)),
     },
     (80, False, "dkdv"): {
         16: ((64, 64, 4, 2), (32, 32, 4, 2), (32, 64, 4, 2)),
@@ -648,7 +658,7 @@ _CONFIG_TABLE: dict[tuple[int, bool, str], dict[int, tuple[tuple[int, int, int, 
     (80, False, "dq"): {
         16: ((64, 64, 4, 2), (64, 64, 4, 2), (64, 64, 4, 2)),
         32: ((64, 64, 4, 2), (64, 64, 4, 2), (64, 32, 4, 2)),
-        64: ((32, 64, 4, 2), (64, 32, 4, 2), (64, 32, 4, 2)),
+        64: ((32, 64, 4, 2), (64, 32, 4, 2), (64, 32, 8, 2)),
         128: ((64, 32, 4, 2), (32, 32, 4, 2), (32, 32, 8, 2)),
     },
 }
@@ -669,6 +679,15 @@ def kernel_config(kind: str, head_dim: int, dtype: torch.dtype, arch: int = 90, 
     variant = 2 if dropout else 1 if has_mask else 0
     table = _CONFIG_TABLE[90 if arch >= 90 else 80, dtype != torch.float32, kind]
     return KernelConfig(*table[block_d(head_dim)][variant])
+
+
+def launch_options(cfg: KernelConfig, arch: int) -> dict:
+    """Triton launch options of a config. On sm_8x, `.maxnreg 255` stops ptxas from capping registers to fit
+    more CTAs per SM (seen: 168 registers and a spill where 228 registers fit without one)."""
+    opts = dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    if arch < 90:
+        opts["maxnreg"] = 255
+    return opts
 
 
 def _arch(device: torch.device) -> int:
@@ -745,8 +764,9 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bounds:
     if out.numel() == 0:
         return out, lse
     dropout = dropout_p > 0.0
-    cfg = kernel_config("fwd", D, q.dtype, _arch(q.device), kmask is not None, dropout)
-    grid = (triton.cdiv(L, cfg.block_m), B * H)
+    arch = _arch(q.device)
+    cfg = kernel_config("fwd", D, q.dtype, arch, kmask is not None, dropout)
+    grid = (triton.cdiv(L, cfg.block_m) * B * H,)
     with _on_device(q.device):
         _attn_fwd_kernel[grid](
             q, k, v, out, lse, bounds,
@@ -756,7 +776,7 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bounds:
             H, L, float(softmax_scale), 1.0 / (1.0 - dropout_p), _p_thresh(dropout_p),
             HEAD_DIM=D, BLOCK_D=block_d(D), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
             HAS_MASK=kmask is not None, DROPOUT=dropout, DOT_PREC=_dot_precision(q.dtype),
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+            **launch_options(cfg, arch),
         )
     return out, lse
 
@@ -784,26 +804,23 @@ def attention_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: to
     with _on_device(q.device):
         # 1. delta = rowsum(O o dO)
         cfg = kernel_config("pre", D, q.dtype, arch)
-        _attn_bwd_preprocess_kernel[(triton.cdiv(L, cfg.block_m), B * H)](
+        _attn_bwd_preprocess_kernel[(triton.cdiv(L, cfg.block_m) * B * H,)](
             out, do, delta, *_strides3(out), *_strides3(do), H, L,
-            HEAD_DIM=D, BLOCK_D=block_d(D), BLOCK_M=cfg.block_m, num_warps=cfg.num_warps,
-            num_stages=cfg.num_stages,
+            HEAD_DIM=D, BLOCK_D=block_d(D), BLOCK_M=cfg.block_m, **launch_options(cfg, arch),
         )
         # 2. dK, dV: one program per key block
         cfg = kernel_config("dkdv", D, q.dtype, arch, kmask is not None, dropout)
-        _attn_bwd_dkdv_kernel[(triton.cdiv(L, cfg.block_n), B * H)](
+        _attn_bwd_dkdv_kernel[(triton.cdiv(L, cfg.block_n) * B * H,)](
             q, k, v, do, dk, dv, lse, delta, bounds, kmask_arg, seed_arg,
             *_strides3(q), *_strides3(k), *_strides3(v), *_strides3(do), *_strides3(dk), *_strides3(dv),
-            *scalars, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, **common,
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+            *scalars, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, **common, **launch_options(cfg, arch),
         )
         # 3. dQ: one program per query block
         cfg = kernel_config("dq", D, q.dtype, arch, kmask is not None, dropout)
-        _attn_bwd_dq_kernel[(triton.cdiv(L, cfg.block_m), B * H)](
+        _attn_bwd_dq_kernel[(triton.cdiv(L, cfg.block_m) * B * H,)](
             q, k, v, do, dq, lse, delta, bounds, kmask_arg, seed_arg,
             *_strides3(q), *_strides3(k), *_strides3(v), *_strides3(do), *_strides3(dq),
-            *scalars, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, **common,
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+            *scalars, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, **common, **launch_options(cfg, arch),
         )
     return dq, dk, dv
 
@@ -816,7 +833,7 @@ def dropout_mask(batch: int, heads: int, seq_len: int, dropout_p: float, seed, d
         return keep.bool()
     seed_t = _seed_tensor(seed, device)
     bm = bn = 32
-    grid = (triton.cdiv(seq_len, bm), triton.cdiv(seq_len, bn), batch * heads)
+    grid = (triton.cdiv(seq_len, bm) * triton.cdiv(seq_len, bn) * batch * heads,)
     with _on_device(device):
         _dropout_mask_kernel[grid](keep, seed_t, heads, seq_len, _p_thresh(dropout_p), BLOCK_M=bm, BLOCK_N=bn)
     return keep.bool()

@@ -62,7 +62,7 @@ def _specs(head_dim: int, dtype_name: str, arch: int, variants: list[tuple[bool,
     strides = lambda *names: {f"stride_{n}{s}": "i32" for n in names for s in "bhl"}  # noqa: E731
 
     def common(cfg):
-        return dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        return A.launch_options(cfg, arch)
 
     for has_mask, dropout in variants:
         var = ("mask" if has_mask else "-") + "," + ("drop" if dropout else "-")
@@ -85,6 +85,15 @@ def _specs(head_dim: int, dtype_name: str, arch: int, variants: list[tuple[bool,
     sig = {"O": t, "DO": t, "DELTA": "*fp32", **strides("o", "do"), "H": "i32", "L": "i32"}
     yield "pre", A._attn_bwd_preprocess_kernel, sig, dict(HEAD_DIM=head_dim, BLOCK_D=bd, BLOCK_M=cfg.block_m), \
         common(cfg), "-", cfg
+
+
+def _ones_specs(arch: int):
+    """The attention kernels as the JIT compiles them when H, L and p_thresh equal 1: Triton specialises integer
+    arguments equal to 1 into constexprs (bf16, D=64, mask + dropout)."""
+    for kind, fn, sig, cx, opts, var, cfg in _specs(64, "bfloat16", arch, [(True, True)]):
+        sig = {k: v for k, v in sig.items() if k not in ("H", "L", "p_thresh")}
+        cx = dict(cx, **{k: 1 for k in ("H", "L", "p_thresh") if k in fn.arg_names})
+        yield kind, fn, sig, cx, opts, var + ",ones", cfg
 
 
 def _dropout_mask_spec():
@@ -211,6 +220,7 @@ def run(archs: list[int], head_dims: list[int], dtypes: list[str], all_variants:
                 for spec in _specs(hd, dtype_name, arch, variants):
                     jobs.append((arch, dtype_name, hd, spec))
         jobs.append((arch, "-", 0, _dropout_mask_spec()))
+        jobs += [(arch, "bfloat16", 64, spec) for spec in _ones_specs(arch)]  # ints == 1 specialised
         jobs += [(arch, dt, 0, spec) for dt in dtypes for spec in _linear_ce_specs(dt, arch)]  # linear-CE (issue 5)
     global _JOBS
     _JOBS = jobs

@@ -17,6 +17,10 @@ Semantics (both paths):
     without a host sync): same seed, same mask; the backward regenerates the forward's mask. The kernel and the
     reference draw different masks from the same seed.
   * softmax_scale defaults to 1 / sqrt(D).
+  * Precision (kernel): fp32 accumulation; fp32 inputs use TF32 dots on the GPU (about 1e-3 relative error,
+    like torch.backends.cuda.matmul.allow_tf32); under the CPU interpreter everything is fp32.
+  * Padding given as right padding is cheapest as `seqlens`; a key_padding_mask costs a mask load per block.
+  * Under torch.compile an int seed is a graph constant (a new value recompiles); pass a seed tensor or None.
 """
 from __future__ import annotations
 

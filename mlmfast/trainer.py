@@ -58,7 +58,7 @@ class TrainConfig:
     whole_word: bool = False  # whole-word masking
     # optimisation
     max_steps: int = 300  # optimizer steps
-    batch_size: int = 32  # rows per micro-batch
+    batch_size: int = 16  # rows per micro-batch
     grad_accum: int = 1  # micro-batches per optimizer step
     lr: float = 1e-3  # peak learning rate
     warmup_steps: Optional[int] = None  # None = 6% of max_steps

@@ -233,6 +233,12 @@ def test_dropout_matches_reference_with_same_mask(dtype):
              seed=2024)
 
 
+def test_dropout_tiny_shapes():
+    """L = 1 and H = 1 (integer arguments equal to 1 become constexprs when the GPU JIT compiles)."""
+    _compare(2, 1, 1, 16, torch.float32, data_seed=9, dropout_p=0.5, seed=1)
+    _compare(1, 1, 9, 16, torch.float32, data_seed=9, dropout_p=0.5, seed=1)
+
+
 def test_dropout_keep_rate_and_seeds():
     B, H, L, p = 2, 2, 64, 0.2
     m = K.dropout_mask(B, H, L, p, 7, DEVICE)
