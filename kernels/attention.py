@@ -42,6 +42,8 @@ import triton.language as tl
 
 from mlmfast.errors import UserError
 
+from ._launch import on_device
+
 SUPPORTED_HEAD_DIMS = (16, 32, 64, 80, 96, 128)  # compile-checked; any D <= 128 runs (padded to a power of 2)
 MAX_HEAD_DIM = 128
 MAX_SEQ_LEN = 131072  # keeps the Philox counter i * cdiv(L, 8) + j // 8 within 32 bits
@@ -732,21 +734,6 @@ def _dot_precision(dtype: torch.dtype) -> str:
     return "tf32" if dtype == torch.float32 else "ieee"
 
 
-class _on_device:
-    """Make q's CUDA device current while launching (Triton launches on the current device)."""
-
-    def __init__(self, device: torch.device):
-        self.ctx = torch.cuda.device(device) if device.type == "cuda" else None
-
-    def __enter__(self):
-        if self.ctx is not None:
-            self.ctx.__enter__()
-
-    def __exit__(self, *exc):
-        if self.ctx is not None:
-            self.ctx.__exit__(*exc)
-
-
 def _strides3(x: torch.Tensor) -> tuple[int, int, int]:
     return x.stride(0), x.stride(1), x.stride(2)
 
@@ -767,7 +754,7 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bounds:
     arch = _arch(q.device)
     cfg = kernel_config("fwd", D, q.dtype, arch, kmask is not None, dropout)
     grid = (triton.cdiv(L, cfg.block_m) * B * H,)
-    with _on_device(q.device):
+    with on_device(q.device):
         _attn_fwd_kernel[grid](
             q, k, v, out, lse, bounds,
             kmask if kmask is not None else bounds.view(torch.int8),
@@ -801,7 +788,7 @@ def attention_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: to
     common = dict(HEAD_DIM=D, BLOCK_D=block_d(D), HAS_MASK=kmask is not None, DROPOUT=dropout,
                   DOT_PREC=_dot_precision(q.dtype))
     scalars = (H, L, float(softmax_scale), 1.0 / (1.0 - dropout_p), _p_thresh(dropout_p))
-    with _on_device(q.device):
+    with on_device(q.device):
         # 1. delta = rowsum(O o dO)
         cfg = kernel_config("pre", D, q.dtype, arch)
         _attn_bwd_preprocess_kernel[(triton.cdiv(L, cfg.block_m) * B * H,)](
@@ -834,7 +821,7 @@ def dropout_mask(batch: int, heads: int, seq_len: int, dropout_p: float, seed, d
     seed_t = _seed_tensor(seed, device)
     bm = bn = 32
     grid = (triton.cdiv(seq_len, bm) * triton.cdiv(seq_len, bn) * batch * heads,)
-    with _on_device(device):
+    with on_device(device):
         _dropout_mask_kernel[grid](keep, seed_t, heads, seq_len, _p_thresh(dropout_p), BLOCK_M=bm, BLOCK_N=bn)
     return keep.bool()
 

@@ -42,6 +42,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._launch import on_device
+
 # Fill outputs with NaN before the kernels write them (tests switch it on; MLMFAST_POISON=1 for debugging).
 POISON_OUTPUTS = os.environ.get("MLMFAST_POISON", "0") == "1"
 
@@ -321,21 +323,6 @@ def _poison(*tensors: torch.Tensor) -> None:
             t.fill_(float("nan"))
 
 
-class _on_device:
-    """Make x's CUDA device current while launching (Triton launches on the current device)."""
-
-    def __init__(self, device: torch.device):
-        self.ctx = torch.cuda.device(device) if device.type == "cuda" else None
-
-    def __enter__(self):
-        if self.ctx is not None:
-            self.ctx.__enter__()
-
-    def __exit__(self, *exc):
-        if self.ctx is not None:
-            self.ctx.__exit__(*exc)
-
-
 def _rows_ready(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
@@ -372,7 +359,7 @@ def linear_ce_forward(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torc
     t = torch.empty_like(m)
     _poison(m, s, t)
     grid = (triton.cdiv(N, cfg.block_a), S)
-    with _on_device(x.device):
+    with on_device(x.device):
         _lce_fwd_kernel[grid](
             x, weight, bias if bias is not None else weight, labels, n_act, m, s, t,
             x.stride(0), weight.stride(0), N, V, H, v_per_split, ignore_index,
@@ -427,7 +414,7 @@ def linear_ce_backward(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor
     db_part = torch.empty((triton.cdiv(C, c_lg.block_a), V), dtype=torch.float32, device=x.device) \
         if bias is not None else dw
     _poison(dx, dw, dlog, db_part)
-    with _on_device(x.device):
+    with on_device(x.device):
         for i, row0 in enumerate(range(0, N, C)):
             c = min(C, N - row0)
             # 1. dlogits of the chunk's live rows
