@@ -57,7 +57,7 @@ PYBIND11_MODULE(_C, m) {
       MLM_FIELD(position_labels) MLM_FIELD(num_selected) MLM_FIELD(num_dropped) MLM_FIELD(B) MLM_FIELD(L)
       MLM_FIELD(P) MLM_FIELD(mask_token_id) MLM_FIELD(vocab_size) MLM_FIELD(n_allowed) MLM_FIELD(thr_select)
       MLM_FIELD(thr_mask) MLM_FIELD(thr_mask_random) MLM_FIELD(p_select) MLM_FIELD(exact) MLM_FIELD(seed)
-      MLM_FIELD(offset)
+      MLM_FIELD(offset) MLM_FIELD(row_offset)
 #undef MLM_FIELD
       .def_property("special_ids", &get_special_ids, &set_special_ids,
                     "sorted unique special token ids (at most 64)");

@@ -9,9 +9,11 @@
 //       valid:   l < lengths[b] (if given) and attention_mask[b, l] != 0 (if given)
 //       special: input_ids[b, l] in special_ids, or special_tokens_mask[b, l] != 0 (if given)
 //   unit(b, l)    = the word word_ids[b, l] when word_ids is given and >= 0, else the position itself
-//   Random words (Philox4x32-10, key = seed, counter = (index, row, offset_lo, offset_hi | stream << 31)):
-//       D(b, l) = philox(l, b, offset, stream 0)   -> w0: unit draw of a position unit, w1: action, w2: token
-//       W(b, w) = philox(w, b, offset, stream 1)   -> w0: unit draw of word w
+//   Random words (Philox4x32-10, key = seed, counter = (index, row, offset_lo, offset_hi | stream << 31)),
+//   row = r(b) = row_offset + b: the row's index in the global batch, so a batch split across data-parallel
+//   ranks (rank k masks rows [k * B, (k + 1) * B) with row_offset = k * B) draws the same bits as one call:
+//       D(b, l) = philox(l, r(b), offset, stream 0) -> w0: unit draw of a position unit, w1: action, w2: token
+//       W(b, w) = philox(w, r(b), offset, stream 1) -> w0: unit draw of word w
 //   unit word u(b, l) = W(b, word_ids[b, l]).w0 for a word, D(b, l).w0 for a position unit
 //   unit key  K(b, l) = u << 32 | tag, tag = 2^31 | word id (word) or l (position): unique per unit, and
 //                       ties of u are broken by the tag (for position units: by position)
@@ -76,6 +78,7 @@ struct MaskSelectParams {
   // ---- random stream
   uint64_t seed = 0;
   uint64_t offset = 0;                       // < 2^63: successive batches use successive offsets
+  uint64_t row_offset = 0;                   // <= 2^32 - B: row b draws from counter row row_offset + b
 };
 
 // ---- small helpers -------------------------------------------------------------------------------------
@@ -108,14 +111,19 @@ MLM_HD int64_t allowed_id(const MaskSelectParams& p, int64_t r) {
   return id;
 }
 
+// Counter row of local row b: its index in the global batch (mod 2^32; the host keeps it below 2^32).
+MLM_HD uint32_t counter_row(const MaskSelectParams& p, int64_t b) {
+  return static_cast<uint32_t>(p.row_offset + static_cast<uint64_t>(b));
+}
+
 MLM_HD Philox4 position_draw(const MaskSelectParams& p, int64_t b, int64_t l) {
-  return philox4x32_10(static_cast<uint32_t>(l), static_cast<uint32_t>(b), static_cast<uint32_t>(p.offset),
+  return philox4x32_10(static_cast<uint32_t>(l), counter_row(p, b), static_cast<uint32_t>(p.offset),
                        static_cast<uint32_t>(p.offset >> 32) & 0x7FFFFFFFu, static_cast<uint32_t>(p.seed),
                        static_cast<uint32_t>(p.seed >> 32));
 }
 
 MLM_HD uint32_t word_draw(const MaskSelectParams& p, int64_t b, int64_t word) {
-  return philox4x32_10(static_cast<uint32_t>(word), static_cast<uint32_t>(b), static_cast<uint32_t>(p.offset),
+  return philox4x32_10(static_cast<uint32_t>(word), counter_row(p, b), static_cast<uint32_t>(p.offset),
                        (static_cast<uint32_t>(p.offset >> 32) & 0x7FFFFFFFu) | 0x80000000u,
                        static_cast<uint32_t>(p.seed), static_cast<uint32_t>(p.seed >> 32))
       .w[0];

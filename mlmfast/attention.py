@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import importlib.util
 import math
+import numbers
 import os
 import sys
 import types
@@ -34,6 +35,7 @@ from typing import Optional
 import torch
 
 from mlmfast import dispatch
+from mlmfast._checks import INT, INT_OR_BOOL, check_tensor, shape_str
 from mlmfast.errors import UserError
 
 _TRITON_FOUND = importlib.util.find_spec("triton") is not None
@@ -86,35 +88,27 @@ def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
 
 
 def _check(q, k, v, seqlens, key_padding_mask, dropout_p, softmax_scale) -> None:
-    """Shape / dtype / range checks; never reads tensor values (no host sync)."""
-    for name, x in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(x, torch.Tensor) or x.dim() != 4:
-            raise UserError(f"attention: {name} must be a 4-D tensor [B, H, L, D], got "
-                            f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
-    if not (q.shape == k.shape == v.shape):
-        raise UserError(f"attention: q, k, v must have the same shape [B, H, L, D], got {tuple(q.shape)}, "
-                        f"{tuple(k.shape)}, {tuple(v.shape)}")
-    if not (q.dtype == k.dtype == v.dtype):
-        raise UserError(f"attention: q, k, v must have the same dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
-    if q.dtype not in _KERNEL_DTYPES + (torch.float64,):
-        raise UserError(f"attention: dtype must be float16, bfloat16 or float32 (float64: reference), got {q.dtype}")
-    if not (q.device == k.device == v.device):
-        raise UserError(f"attention: q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
+    """Shape / dtype / device / range checks (mlmfast._checks); never reads tensor values (no host sync)."""
+    op = dict(op="attention")
+    check_tensor("q", q, "a float16, bfloat16 or float32 tensor [B, H, L, D] (float64: reference only)",
+                 dtypes=_KERNEL_DTYPES + (torch.float64,), shape=(None,) * 4, **op)
     B, H, L, D = q.shape
+    like_q = dict(dtypes=(q.dtype,), shape=tuple(q.shape), device=q.device, device_of="q", **op)
+    what = f"a {q.dtype} tensor [B, H, L, D] = {shape_str(q.shape)} (q's dtype and shape)"
+    check_tensor("k", k, what, **like_q)
+    check_tensor("v", v, what, **like_q)
     if L < 1 or D < 1:
-        raise UserError(f"attention: L and D must be >= 1, got shape {tuple(q.shape)}")
-    if seqlens is not None:
-        if not isinstance(seqlens, torch.Tensor) or seqlens.shape != (B,) or seqlens.is_floating_point():
-            raise UserError(f"attention: seqlens must be an integer tensor of shape [{B}], got "
-                            f"{getattr(seqlens, 'shape', type(seqlens).__name__)}")
-    if key_padding_mask is not None:
-        if not isinstance(key_padding_mask, torch.Tensor) or key_padding_mask.shape != (B, L):
-            raise UserError(f"attention: key_padding_mask must have shape [{B}, {L}] (True = keep), got "
-                            f"{getattr(key_padding_mask, 'shape', type(key_padding_mask).__name__)}")
-    if not (0.0 <= dropout_p < 1.0):
-        raise UserError(f"attention: dropout_p must be in [0, 1), got {dropout_p}")
-    if softmax_scale is not None and not softmax_scale > 0.0:
-        raise UserError(f"attention: softmax_scale must be > 0, got {softmax_scale}")
+        raise UserError(f"attention: q shape: expected L >= 1 and D >= 1, got {shape_str(q.shape)}")
+    on_q = dict(device=q.device, device_of="q", optional=True, **op)
+    check_tensor("seqlens", seqlens, f"an integer tensor [B] = [{B}] of row lengths", dtypes=INT, shape=(B,),
+                 **on_q)
+    check_tensor("key_padding_mask", key_padding_mask, f"a bool or integer tensor [B, L] = [{B}, {L}], "
+                 "True = keep", dtypes=INT_OR_BOOL, shape=(B, L), **on_q)
+    if not isinstance(dropout_p, numbers.Real) or not (0.0 <= dropout_p < 1.0):
+        raise UserError(f"attention: dropout_p: expected a float in [0, 1), got {dropout_p!r}")
+    if softmax_scale is not None and not (isinstance(softmax_scale, numbers.Real) and softmax_scale > 0.0):
+        raise UserError(f"attention: softmax_scale: expected a float > 0 (or None: 1 / sqrt(D)), got "
+                        f"{softmax_scale!r}")
 
 
 def _use_kernel(q: torch.Tensor) -> bool:

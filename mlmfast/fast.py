@@ -33,6 +33,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ._checks import INT, check_tensor, shape_str
 from .attention import _TRITON_FOUND as _ATTN_TRITON_FOUND
 from .attention import attention
 from .errors import UserError
@@ -111,25 +112,23 @@ class SelectedRows:
 
 def check_targets(input_ids: torch.Tensor, labels: Optional[torch.Tensor], positions: Optional[torch.Tensor],
                   position_labels: Optional[torch.Tensor]) -> None:
-    """Shape / dtype checks of the fast path's targets (no values read: no host sync)."""
+    """Shape / dtype / device checks of the targets (no values read: no host sync). positions and
+    position_labels (B, P) come together and take precedence over labels (B, L)."""
     B, L = input_ids.shape
+    dev = dict(device=input_ids.device, device_of="input_ids")
     if positions is not None or position_labels is not None:
         if positions is None or position_labels is None:
-            raise UserError("pass positions and position_labels together (MaskingOutput.positions / "
-                            ".position_labels), or HF-style labels")
-        for name, t in (("positions", positions), ("position_labels", position_labels)):
-            if not isinstance(t, torch.Tensor) or t.dim() != 2 or t.shape[0] != B:
-                raise UserError(f"{name} must be a (batch={B}, P) tensor, got "
-                                f"{tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__}")
-            if t.dtype.is_floating_point or t.dtype == torch.bool:
-                raise UserError(f"{name} must be an integer tensor, got dtype {t.dtype}")
-            if t.device != input_ids.device:
-                raise UserError(f"{name} is on {t.device} but input_ids is on {input_ids.device}")
-        if positions.shape != position_labels.shape:
-            raise UserError(f"positions {tuple(positions.shape)} and position_labels "
-                            f"{tuple(position_labels.shape)} must have the same shape")
-    elif labels is not None and labels.device != input_ids.device:
-        raise UserError(f"labels is on {labels.device} but input_ids is on {input_ids.device}")
+            missing, given = ("positions", "position_labels") if positions is None else ("position_labels", "positions")
+            raise UserError(f"{missing}: expected a tensor [B, P] together with {given} (pass both, as "
+                            "MaskingOutput.positions / .position_labels, or HF-style labels), got None")
+        check_tensor("positions", positions, f"an integer tensor [B, P] with B = {B} (input_ids' batch size)",
+                     dtypes=INT, shape=(B, None), **dev)
+        check_tensor("position_labels", position_labels, f"an integer tensor [B, P] = "
+                     f"{shape_str(positions.shape)}, the same shape as positions", dtypes=INT,
+                     shape=tuple(positions.shape), **dev)
+    else:
+        check_tensor("labels", labels, f"an integer tensor [B, L] = {shape_str(input_ids.shape)} (input_ids' "
+                     f"shape), {IGNORE_INDEX} = not predicted", dtypes=INT, shape=(B, L), optional=True, **dev)
 
 
 def dense_labels(positions: torch.Tensor, position_labels: torch.Tensor, seq_len: int) -> torch.Tensor:

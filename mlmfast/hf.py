@@ -35,6 +35,7 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 
 from . import fast
+from ._checks import INT, check_tensor, shape_str
 from .errors import UserError
 
 PATHS = ("fast", "reference")
@@ -179,17 +180,18 @@ def _layer(layer: nn.Module, x: torch.Tensor, keep: Optional[torch.Tensor], back
 
 
 def _check_inputs(input_ids, attention_mask, token_type_ids, labels) -> None:
-    """Shapes and dtypes only: nothing here reads a tensor's values (no host sync)."""
-    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
-        got = tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
-        raise UserError(f"mlmfast.accelerate: input_ids must be a 2-D (batch, seq_len) tensor, got {got}")
-    if input_ids.dtype.is_floating_point or input_ids.dtype == torch.bool:
-        raise UserError(f"mlmfast.accelerate: input_ids must hold integer ids, got {input_ids.dtype}")
-    shape = tuple(input_ids.shape)
-    for name, t in (("attention_mask", attention_mask), ("token_type_ids", token_type_ids), ("labels", labels)):
-        if t is not None and tuple(t.shape) != shape:
-            raise UserError(f"mlmfast.accelerate: {name} has shape {tuple(t.shape)}, expected {shape} "
-                            "(4-D attention masks are not supported on the fast path)")
+    """Shapes and dtypes only (mlmfast._checks): nothing here reads a tensor's values (no host sync). As in HF,
+    attention_mask and labels may sit on another device (they are moved)."""
+    op = dict(op="mlmfast.accelerate")
+    check_tensor("input_ids", input_ids, "a 2-D tensor of integer token ids [B, L]", dtypes=INT, shape=(None, None),
+                 **op)
+    like = f"[B, L] = {shape_str(input_ids.shape)} (input_ids' shape; 4-D attention masks are not supported on " \
+           "the fast path)"
+    same = dict(shape=tuple(input_ids.shape), optional=True, **op)
+    check_tensor("attention_mask", attention_mask, f"a tensor {like}", **same)
+    check_tensor("token_type_ids", token_type_ids, f"an integer tensor {like}", dtypes=INT,
+                 device=input_ids.device, device_of="input_ids", **same)
+    check_tensor("labels", labels, f"an integer tensor {like}", dtypes=INT, **same)
 
 
 # ---- the public function -------------------------------------------------------------------------------------

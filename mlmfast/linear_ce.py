@@ -16,13 +16,15 @@ Two implementations with one contract, behind the torch custom ops `mlmfast::lin
 
 `num_active` ([1] or [] int64 tensor): rows at or past it are ignored. The sparse MLM head puts the predicted
 rows first in a static-capacity buffer and passes their number here, so the kernels skip the empty tail
-without a host sync. Labels must be in [0, V) or ignore_index (not checked: that would need a sync; an id
-outside the range gives a wrong loss, not an error). With no live row the loss is 0 with zero gradients.
+without a host sync. Labels of live rows must be in [0, V) or ignore_index: checked exactly for CPU tensors
+(UserError), and as an asynchronous device assert for CUDA tensors (no host sync). With no live row the loss is
+0 with zero gradients.
 Mixed dtypes are promoted (under autocast: cast to the autocast dtype), so x, weight and bias share a dtype.
 """
 from __future__ import annotations
 
 import importlib.util
+import numbers
 import os
 from typing import Optional
 
@@ -30,6 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from . import dispatch
+from ._checks import FLOAT, INT, check_range, check_tensor, describe
 from .errors import UserError
 
 IGNORE_INDEX = -100
@@ -288,26 +291,29 @@ def linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, bias: Optional[t
     chunk_rows: rows per chunk (the twin's, or the kernel backward's dlogits scratch); None = by memory budget.
     Returns a 0-d fp32 tensor (fp64 for fp64 inputs).
     """
-    if not isinstance(x, torch.Tensor) or x.dim() != 2 or not x.is_floating_point():
-        raise UserError(f"linear_cross_entropy: x must be a 2-D float tensor (rows, hidden), got "
-                        f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
+    op = dict(op="linear_cross_entropy")
+    check_tensor("x", x, "a 2-D float tensor [N, H] (rows, hidden)", dtypes=FLOAT, shape=(None, None), **op)
     N, H = x.shape
-    if not isinstance(weight, torch.Tensor) or weight.dim() != 2 or weight.shape[1] != H:
-        raise UserError(f"linear_cross_entropy: weight must be (vocab, {H}), got "
-                        f"{tuple(weight.shape) if isinstance(weight, torch.Tensor) else type(weight).__name__}")
+    on_x = dict(device=x.device, device_of="x", **op)
+    check_tensor("weight", weight, f"a float tensor [V, H] with H = {H} (x's hidden size)", dtypes=FLOAT,
+                 shape=(None, H), **on_x)
     V = weight.shape[0]
-    if bias is not None and tuple(bias.shape) != (V,):
-        raise UserError(f"linear_cross_entropy: bias must be ({V},), got {tuple(bias.shape)}")
-    if not isinstance(labels, torch.Tensor) or tuple(labels.shape) != (N,) or labels.is_floating_point():
-        raise UserError(f"linear_cross_entropy: labels must be an integer tensor of shape ({N},), got "
-                        f"{tuple(labels.shape) if isinstance(labels, torch.Tensor) else type(labels).__name__}")
+    check_tensor("bias", bias, f"a float tensor [V] = [{V}] or None", dtypes=FLOAT, shape=(V,), optional=True,
+                 **on_x)
+    check_tensor("labels", labels, f"an integer tensor [N] = [{N}] (ignore_index = not predicted)", dtypes=INT,
+                 shape=(N,), **on_x)
     if reduction not in ("mean", "sum"):
         raise UserError(f"linear_cross_entropy: reduction={reduction!r}; use 'mean' or 'sum'")
-    if num_active is not None and (not isinstance(num_active, torch.Tensor) or num_active.numel() != 1):
-        raise UserError("linear_cross_entropy: num_active must be an integer tensor with one element")
-    for name, t in (("weight", weight), ("bias", bias), ("labels", labels)):
-        if t is not None and t.device != x.device:
-            raise UserError(f"linear_cross_entropy: {name} is on {t.device} but x is on {x.device}")
+    check_tensor("num_active", num_active, "an integer tensor [1] or [] (rows at or past it are ignored)",
+                 dtypes=INT, optional=True, **on_x)
+    if num_active is not None and num_active.numel() != 1:
+        raise UserError(f"linear_cross_entropy: num_active shape: expected an integer tensor [1] or [], got "
+                        f"{describe(num_active)}")
+    if not isinstance(ignore_index, numbers.Integral):
+        raise UserError(f"linear_cross_entropy: ignore_index must be an int, got {ignore_index!r}")
+    live = None if num_active is None else torch.arange(N, device=x.device) < num_active.reshape(())
+    check_range("labels", labels, 0, V, what="label", hi_name="vocab size", ignore=int(ignore_index),
+                where=live, **op)  # CPU: exact; CUDA: an async device assert (no sync)
     # One compute dtype: the autocast dtype when autocast is on for this device, else the promoted dtype.
     if torch.is_autocast_enabled(x.device.type):
         dtype = torch.get_autocast_dtype(x.device.type)

@@ -46,6 +46,16 @@ CPU, the one-launch CUDA kernel on GPU; csrc/) when mlmfast._C is built and supp
 this reference; "reference" forces the code below; "kernel" requires mlmfast.ops. The kernel draws from its
 own counter-based stream (Philox, keyed by `seed`): statistically, not bitwise, equal to this reference.
 A `generator` always selects the reference.
+
+Data parallel (`row_offset`): on the kernel path row b of a call draws as row `row_offset + b` of one global
+batch, so ranks that mask their slices of a global batch with the same seed and row_offset = rank * B get the
+masks of one call on the whole batch, whatever the split. The reference draws from a torch.Generator in batch
+order and cannot do this: backend="reference" (or a generator) with row_offset != 0 is a UserError, and
+backend="auto" falling back to the reference (mlmfast._C not built, > 64 special ids, ...) ignores row_offset,
+so its masks then depend on how the batch was split.
+
+Validation never synchronises a CUDA device: the id range is checked exactly on CPU tensors and as a
+`torch._assert_async` on CUDA tensors (`mlmfast._checks`).
 """
 from __future__ import annotations
 
@@ -56,6 +66,7 @@ from typing import Iterable, Optional, Sequence, Union
 
 import torch
 
+from ._checks import INT, INT_OR_BOOL, check_range, check_row_offset, check_tensor, shape_str, special_id_list
 from .errors import UserError
 
 IGNORE_INDEX = -100  # label of a position the loss must ignore (torch.nn.functional.cross_entropy default)
@@ -143,40 +154,19 @@ def _check_prob(name: str, value, *, open_interval: bool) -> float:
     return value
 
 
-def _check_same_shape(name: str, t, input_ids: torch.Tensor) -> Optional[torch.Tensor]:
+def _check_same_shape(name: str, t, input_ids: torch.Tensor, dtypes=INT_OR_BOOL) -> Optional[torch.Tensor]:
+    """A per-token tensor (B, L) on input_ids' device; a nested list is converted there."""
     if t is None:
         return None
     if not isinstance(t, torch.Tensor):
-        t = torch.as_tensor(t)
-    if tuple(t.shape) != tuple(input_ids.shape):
-        raise UserError(
-            f"{name} has shape {tuple(t.shape)} but input_ids has shape {tuple(input_ids.shape)}; "
-            f"pass one {name} entry per token"
-        )
-    if t.is_floating_point() or t.is_complex():
-        raise UserError(f"{name} has dtype {t.dtype}; pass an integer or bool tensor")
-    return t.to(input_ids.device)
+        t = torch.as_tensor(t, device=input_ids.device)
+    kind = "an integer" if dtypes == INT else "an integer or bool"
+    return check_tensor(name, t, f"{kind} tensor [B, L] = {shape_str(input_ids.shape)} (input_ids' shape), one "
+                        "entry per token", dtypes=dtypes, shape=tuple(input_ids.shape), device=input_ids.device,
+                        device_of="input_ids")
 
 
-def _special_ids_tensor(special_token_ids, device: torch.device) -> torch.Tensor:
-    if special_token_ids is None:
-        return torch.empty(0, dtype=torch.long, device=device)
-    if isinstance(special_token_ids, torch.Tensor):
-        t = special_token_ids
-        if t.is_floating_point() or t.is_complex():
-            raise UserError(f"special_token_ids has dtype {t.dtype}; pass integer token ids")
-        return t.reshape(-1).to(device=device, dtype=torch.long)
-    try:
-        ids = [int(i) for i in special_token_ids]
-    except (TypeError, ValueError) as exc:
-        raise UserError(
-            f"special_token_ids={special_token_ids!r} is not an iterable of ints ({exc}); "
-            "pass e.g. tokenizer.special_token_ids"
-        ) from None
-    return torch.tensor(ids, dtype=torch.long, device=device)
-
-
-def _kernel_unsupported(input_ids: torch.Tensor, special_ids: torch.Tensor, vocab_size: int,
+def _kernel_unsupported(input_ids: torch.Tensor, special_ids: list[int], vocab_size: int,
                         generator) -> Optional[str]:
     """None when mlmfast.ops.mask_select runs these arguments on its C++ / CUDA path, else why not."""
     if generator is not None:
@@ -193,7 +183,7 @@ def _kernel_unsupported(input_ids: torch.Tensor, special_ids: torch.Tensor, voca
         ext_err = ops.extension_error()
         return f"mlmfast._C not built: {ext_err}" if ext_err else ops._cuda_part_reason() or \
             f"no kernel for device {input_ids.device}"
-    if torch.unique(special_ids).numel() > 64:
+    if len(special_ids) > 64:
         return "more than 64 distinct special_token_ids"
     return None
 
@@ -216,6 +206,7 @@ def mask_tokens(
     seed: Optional[int] = None,
     generator: Optional[torch.Generator] = None,
     backend: str = "auto",
+    row_offset: int = 0,
 ) -> MaskingOutput:
     """Select MLM targets and corrupt them (BERT 80/10/10); see the module docstring for the algorithm.
 
@@ -227,17 +218,12 @@ def mask_tokens(
     max_predictions: capacity P of `positions`; overflow keeps the P lowest positions (see num_dropped).
     seed / generator: reproducible randomness (not both); neither -> torch's default RNG.
     backend: "auto" | "reference" | "kernel" (see the module docstring).
+    row_offset: index of row 0 in the global batch (kernel path; data parallel: rank * B, with the same seed on
+    every rank). Not honoured by the reference: see "Data parallel" in the module docstring.
     """
     # ---- validate --------------------------------------------------------------------------------------
-    if not isinstance(input_ids, torch.Tensor):
-        raise UserError(f"input_ids must be a torch.Tensor of token ids, got {type(input_ids).__name__}")
-    if input_ids.dim() != 2:
-        raise UserError(
-            f"input_ids has shape {tuple(input_ids.shape)}; pass a 2-D (batch, seq_len) tensor "
-            "(use input_ids.unsqueeze(0) for a single sequence)"
-        )
-    if input_ids.dtype == torch.bool or input_ids.is_floating_point() or input_ids.is_complex():
-        raise UserError(f"input_ids has dtype {input_ids.dtype}; pass integer token ids (int64 or int32)")
+    check_tensor("input_ids", input_ids, "a 2-D torch.Tensor of integer token ids [B, L] (use "
+                 "input_ids.unsqueeze(0) for a single sequence)", dtypes=INT, shape=(None, None))
     if not _is_int(vocab_size) or vocab_size < 1:
         raise UserError(f"vocab_size={vocab_size!r} must be a positive int (the model's vocabulary size)")
     if not _is_int(mask_token_id) or not (0 <= mask_token_id < vocab_size):
@@ -263,6 +249,14 @@ def mask_tokens(
         raise UserError(f"seed={seed!r} must be an int (0 is a valid seed)")
     B, L = input_ids.shape
     device = input_ids.device
+    row_offset = check_row_offset(row_offset, B)
+    if row_offset != 0 and backend == "reference":
+        raise UserError(f"row_offset={row_offset}: expected 0 with backend='reference' (it draws from a "
+                        "torch.Generator in batch order and cannot honour a row offset); use backend='auto' or "
+                        "'kernel' (the counter-based stream)")
+    if row_offset != 0 and generator is not None:
+        raise UserError(f"row_offset={row_offset}: expected 0 with a generator (a generator selects the reference, "
+                        "which draws in batch order and cannot honour a row offset); pass seed= instead")
     if max_predictions is None:
         P = default_max_predictions(L, p)
     elif not _is_int(max_predictions) or max_predictions < 1:
@@ -279,31 +273,19 @@ def mask_tokens(
             )
     special_tokens_mask = _check_same_shape("special_tokens_mask", special_tokens_mask, input_ids)
     attention_mask = _check_same_shape("attention_mask", attention_mask, input_ids)
-    word_ids = _check_same_shape("word_ids", word_ids, input_ids)
-    if input_ids.numel() > 0:
-        lo, hi = torch.aminmax(input_ids)
-        lo, hi = int(lo.item()), int(hi.item())  # one host sync: validation of the ids is worth it
-        if lo < 0 or hi >= vocab_size:
-            raise UserError(
-                f"input_ids contain ids in [{lo}, {hi}] but vocab_size={vocab_size} (valid ids: 0.."
-                f"{vocab_size - 1}); the tokenizer does not match the model: use the model's tokenizer or "
-                "a model config whose vocab_size covers the tokenizer"
-            )
-    special_ids = _special_ids_tensor(special_token_ids, device)  # (S,) long
-    allowed_ids = None
-    if pr > 0.0:
-        allowed = torch.ones(vocab_size, dtype=torch.bool, device=device)  # (V,)
-        in_range = special_ids[(special_ids >= 0) & (special_ids < vocab_size)]
-        allowed[in_range] = False
-        allowed_ids = allowed.nonzero().squeeze(1)  # (n_allowed,) sorted ascending
-        if allowed_ids.numel() == 0:
-            raise UserError(
-                f"random_replace_prob={pr} > 0 but every id in [0, {vocab_size}) is in special_token_ids, "
-                "so there is no token to draw; set random_replace_prob=0 or fix special_token_ids"
-            )
+    word_ids = _check_same_shape("word_ids", word_ids, input_ids, dtypes=INT)
+    check_range("input_ids", input_ids, 0, vocab_size, what="token id", hi_name="vocab_size",
+                hint=": the tokenizer does not match the model; use the model's tokenizer or a model config "
+                     "whose vocab_size covers the tokenizer")  # CPU: exact; CUDA: an async device assert
+    specials = special_id_list(special_token_ids)  # sorted, distinct, on the host
+    if pr > 0.0 and vocab_size - sum(1 for s in specials if 0 <= s < vocab_size) == 0:
+        raise UserError(
+            f"random_replace_prob={pr} > 0 but every id in [0, {vocab_size}) is in special_token_ids, "
+            "so there is no token to draw; set random_replace_prob=0 or fix special_token_ids"
+        )
 
     if backend != "reference":
-        why_not = _kernel_unsupported(input_ids, special_ids, vocab_size, generator)
+        why_not = _kernel_unsupported(input_ids, specials, vocab_size, generator)
         if why_not is not None and backend == "kernel":
             raise UserError(f"backend='kernel' cannot run here: {why_not}; use backend='auto' or 'reference'")
         if why_not is None:
@@ -313,15 +295,23 @@ def mask_tokens(
                 seed = int(torch.randint(0, 2**63 - 1, (), dtype=torch.long).item())
             return mask_select(
                 input_ids, mask_token_id=mask_token_id, vocab_size=vocab_size,
-                special_token_ids=special_ids.tolist(), attention_mask=attention_mask,
+                special_token_ids=specials, attention_mask=attention_mask,
                 special_tokens_mask=special_tokens_mask, word_ids=None if word_ids is None else word_ids.long(),
                 mlm_probability=p, mask_replace_prob=min(pm, 1.0), random_replace_prob=min(pr, 1.0),
-                mode=mode, max_predictions=P, seed=int(seed), offset=0,
+                mode=mode, max_predictions=P, seed=int(seed), offset=0, row_offset=row_offset,
             )
+        # backend="auto" falls back to the reference here: row_offset is not honoured (module docstring)
 
     if seed is not None:
         generator = torch.Generator(device=device)
         generator.manual_seed(int(seed))
+    special_ids = torch.tensor(specials, dtype=torch.long, device=device)  # (S,)
+    allowed_ids = None
+    if pr > 0.0:
+        allowed = torch.ones(vocab_size, dtype=torch.bool, device=device)  # (V,)
+        in_range = special_ids[(special_ids >= 0) & (special_ids < vocab_size)]
+        allowed[in_range] = False
+        allowed_ids = allowed.nonzero().squeeze(1)  # (n_allowed,) sorted ascending
 
     if L == 0:  # nothing to select; keep the shapes of the contract
         z = torch.zeros(B, dtype=torch.long, device=device)

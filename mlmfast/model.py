@@ -32,11 +32,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ._checks import INT, check_range, check_tensor, shape_str
 from .config import ModelConfig
 from .errors import UserError
 
 IGNORE_INDEX = -100  # label of a position that is not predicted (HF convention)
 PATHS = ("reference", "fast")  # BertForMLM.set_path
+_MASK_DTYPES = (torch.bool, torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64, torch.float16,
+                torch.bfloat16, torch.float32, torch.float64)  # attention_mask: any real dtype, 0 = padding
 WEIGHTS_NAME = "model.safetensors"
 WEIGHTS_INDEX_NAME = "model.safetensors.index.json"  # sharded HF checkpoints
 LEGACY_WEIGHTS_NAME = "pytorch_model.bin"
@@ -190,11 +193,30 @@ class Layer(nn.Module):
         self.output = DenseResidualNorm(cfg.intermediate_size, cfg)
         self.act = activation(cfg.hidden_act)  # no parameters
 
-    def forward(self, x: torch.Tensor, key_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, key_mask: torch.Tensor | None = None, *, fast_backend: Optional[str] = None,
+                queries: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Reference: (B, L, H) -> (B, L, H), key_mask as SelfAttention takes it. With fast_backend (the fast
+        path; key_mask is then the (B, L) bool keep-mask or None): mlmfast.fast.encoder_layer, (B, L, H) ->
+        (B, L, H), or (B*P, H) at the (B, P) `queries` positions only. Both go through this module's __call__,
+        so wrappers that hook it (FSDP2's fully_shard) see every layer call."""
+        if fast_backend is not None:
+            return self._fast_forward(x, key_mask, fast_backend, queries)
         a = self.attention["self"](x, key_mask)  # (B, L, H)
         x = self.attention["output"](a, x)  # (B, L, H)
         h = self.act(self.intermediate["dense"](x))  # (B, L, I)
         return self.output(h, x)  # (B, L, H)
+
+    def _fast_forward(self, x: torch.Tensor, keep: Optional[torch.Tensor], backend: str,
+                      queries: Optional[torch.Tensor]) -> torch.Tensor:
+        from . import fast
+
+        sa = self.attention["self"]
+
+        def ffn(h: torch.Tensor) -> torch.Tensor:
+            return self.output(self.act(self.intermediate["dense"](h)), h)  # (..., H)
+
+        return fast.encoder_layer(x, sa, sa.n_head, keep, sa.dropout.p if self.training else 0.0, backend,
+                                  attn_output=self.attention["output"], ffn=ffn, scale=sa.scale, queries=queries)
 
 
 class PredictionHead(nn.Module):
@@ -301,63 +323,39 @@ class BertForMLM(nn.Module):
             layer.attention["self"].attn_implementation = name
 
     # ---- forward ---------------------------------------------------------------------------------------
-    def _check_inputs(self, input_ids, attention_mask=None, token_type_ids=None, labels=None,
-                      check_values: bool = True) -> None:
-        """Validate shapes, dtypes and id ranges with clear UserErrors.
+    def _check_inputs(self, input_ids, attention_mask=None, token_type_ids=None, labels=None, positions=None,
+                      position_labels=None) -> None:
+        """Validate every argument of forward with one clear UserError each (mlmfast._checks).
 
-        check_values=False skips the id-range checks, the only part that reads the tensors (one device sync):
-        the fast path's cheap check. An out-of-range id then fails inside the embedding (CPU: IndexError,
-        CUDA: a device-side assert) and an out-of-range label gives a wrong loss."""
+        Shapes, dtypes and devices: metadata only. Id ranges (input_ids, token_type_ids, labels / position_labels):
+        exact on CPU tensors; on CUDA tensors an asynchronous device assert (no host sync on the training step)."""
+        from . import fast
+
         cfg = self.config
-        if not isinstance(input_ids, torch.Tensor):
-            raise UserError(f"input_ids must be a torch.Tensor, got {type(input_ids).__name__}")
-        if input_ids.dtype.is_floating_point or input_ids.dtype.is_complex or input_ids.dtype == torch.bool:
-            raise UserError(f"input_ids must hold integer token ids, got dtype {input_ids.dtype}")
-        if input_ids.dim() != 2:
-            raise UserError(f"input_ids must be 2-D [batch, seq_len], got shape {tuple(input_ids.shape)}")
+        check_tensor("input_ids", input_ids, "a 2-D torch.Tensor of integer token ids [B, L]", dtypes=INT,
+                     shape=(None, None))
         if input_ids.numel() == 0:
             raise UserError(f"input_ids is empty (shape {tuple(input_ids.shape)}); pass at least one token")
-        L = input_ids.shape[1]
+        B, L = input_ids.shape
         if L > cfg.max_position_embeddings:
             raise UserError(f"sequence length {L} > max_position_embeddings {cfg.max_position_embeddings}; "
                             f"use --seq-len <= {cfg.max_position_embeddings}")
-        shape = tuple(input_ids.shape)
-        for name, t in (("attention_mask", attention_mask), ("token_type_ids", token_type_ids), ("labels", labels)):
-            if t is None:
-                continue
-            if not isinstance(t, torch.Tensor):
-                raise UserError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-            if tuple(t.shape) != shape:
-                raise UserError(f"{name} shape {tuple(t.shape)} does not match input_ids shape {shape}")
-            if name != "attention_mask" and (t.dtype.is_floating_point or t.dtype == torch.bool):
-                raise UserError(f"{name} must be an integer tensor, got dtype {t.dtype}")
-            if t.device != input_ids.device:
-                raise UserError(f"{name} is on {t.device} but input_ids is on {input_ids.device}; move it with .to()")
-        if not check_values:
-            return
-        stats = list(torch.aminmax(input_ids))
+        like = f"[B, L] = {shape_str(input_ids.shape)} (input_ids' shape)"
+        same = dict(shape=(B, L), device=input_ids.device, device_of="input_ids", optional=True)
+        check_tensor("attention_mask", attention_mask, f"a real tensor {like}, 0 = padding", dtypes=_MASK_DTYPES,
+                     **same)
+        check_tensor("token_type_ids", token_type_ids, f"an integer tensor {like}", dtypes=INT, **same)
+        fast.check_targets(input_ids, labels, positions, position_labels)
+        check_range("input_ids", input_ids, 0, cfg.vocab_size, what="token id", hi_name="vocab_size",
+                    hint=": the tokenizer does not match the model; use the tokenizer the model was trained with, "
+                         "or build the model with its vocab_size")
         if token_type_ids is not None:
-            stats += list(torch.aminmax(token_type_ids))
-        if labels is not None:
-            stats += [labels.masked_fill(labels == IGNORE_INDEX, 0).min(), labels.max()]
-        stats = torch.stack([s.to(device=input_ids.device, dtype=torch.int64) for s in stats]).tolist()  # one sync
-        lo, hi = stats[0], stats[1]
-        if hi >= cfg.vocab_size:
-            raise UserError(f"token id {hi} >= vocab_size {cfg.vocab_size}: the tokenizer does not match the model; "
-                            "use the tokenizer the model was trained with, or build the model with its vocab_size")
-        if lo < 0:
-            raise UserError(f"token id {lo} < 0: input_ids must be non-negative vocabulary indices")
-        if token_type_ids is not None:
-            tlo, thi = stats[2], stats[3]
-            if tlo < 0 or thi >= cfg.type_vocab_size:
-                bad = thi if thi >= cfg.type_vocab_size else tlo
-                raise UserError(f"token_type_id {bad} is outside [0, type_vocab_size={cfg.type_vocab_size})")
-        if labels is not None:
-            llo, lhi = stats[-2], stats[-1]
-            if llo < 0 or lhi >= cfg.vocab_size:
-                bad = lhi if lhi >= cfg.vocab_size else llo
-                raise UserError(f"label {bad} is outside [0, vocab_size={cfg.vocab_size}); "
-                                f"use {IGNORE_INDEX} for positions that are not predicted")
+            check_range("token_type_ids", token_type_ids, 0, cfg.type_vocab_size, what="token_type_id",
+                        hi_name="type_vocab_size")
+        name, targets = ("position_labels", position_labels) if positions is not None else ("labels", labels)
+        if targets is not None:
+            check_range(name, targets, 0, cfg.vocab_size, what="label", hi_name="vocab_size", ignore=IGNORE_INDEX,
+                        hint=f"; use {IGNORE_INDEX} for positions that are not predicted")
 
     def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
@@ -375,15 +373,7 @@ class BertForMLM(nn.Module):
     def _fast_layer(self, layer: Layer, x: torch.Tensor, keep: Optional[torch.Tensor],
                     queries: Optional[torch.Tensor] = None) -> torch.Tensor:
         """One layer on the fast path: (B, L, H) -> (B, L, H), or (B*P, H) at `queries` (B, P) positions only."""
-        from . import fast
-
-        sa = layer.attention["self"]
-
-        def ffn(h: torch.Tensor) -> torch.Tensor:
-            return layer.output(layer.act(layer.intermediate["dense"](h)), h)  # (..., H)
-
-        return fast.encoder_layer(x, sa, sa.n_head, keep, sa.dropout.p if self.training else 0.0, self.fast_backend,
-                                  attn_output=layer.attention["output"], ffn=ffn, scale=sa.scale, queries=queries)
+        return layer(x, keep, fast_backend=self.fast_backend, queries=queries)
 
     def encode_fast(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                     token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
@@ -413,9 +403,8 @@ class BertForMLM(nn.Module):
         """
         from . import fast
 
+        self._check_inputs(input_ids, attention_mask, token_type_ids, labels, positions, position_labels)
         if self.path == "fast" and (labels is not None or positions is not None):
-            self._check_inputs(input_ids, attention_mask, token_type_ids, labels, check_values=False)
-            fast.check_targets(input_ids, labels, positions, position_labels)
             keep = None if attention_mask is None else attention_mask != 0  # (B, L) bool
             x = self.bert["embeddings"](input_ids, token_type_ids)  # (B, L, H)
             *layers, last = self.bert["encoder"]["layer"]
@@ -431,9 +420,7 @@ class BertForMLM(nn.Module):
                                               self.fast_backend, return_logits)
             return MLMOutput(loss=loss, logits=logits)
         if positions is not None:
-            fast.check_targets(input_ids, None, positions, position_labels)
             labels = fast.dense_labels(positions, position_labels, input_ids.shape[1])  # (B, L)
-        self._check_inputs(input_ids, attention_mask, token_type_ids, labels)
         logits = self.head(self.encode(input_ids, attention_mask, token_type_ids))  # (B, L, V)
         loss = mlm_loss(logits, labels) if labels is not None else None
         return MLMOutput(loss=loss, logits=logits)

@@ -1,8 +1,11 @@
 """Fast MLM ops backed by `mlmfast._C`: `mask_select` and `gather_rows`, as torch custom ops.
 
 mask_select (`mlmfast::mask_select`): `mlmfast.masking.mask_tokens`'s semantics with a counter-based
-random stream (Philox4x32-10 keyed by `seed`, counter shifted by `offset`), in one launch with static output
-shapes and no host sync. Three implementations give the same bits for the same inputs, seed and offset:
+random stream (Philox4x32-10 keyed by `seed`, counter (position, row_offset + row, offset)), in one launch with
+static output shapes and no host sync. A row's draws depend only on (seed, offset, row_offset + its index), so
+data-parallel ranks that mask rows [k B, (k + 1) B) of a global batch with row_offset = k B get the masks of
+one call on the whole batch, however it is split. Three implementations give the same bits for the same
+inputs, seed, offset and row_offset:
     CUDA kernel (csrc/mask_select.cu)   CUDA tensors, when the CUDA part of mlmfast._C is built
     C++ twin (csrc/mask_select_cpu.cpp) CPU tensors, OpenMP over rows
     PyTorch twin (`mask_select_torch`)  anything else, and whenever mlmfast._C is missing
@@ -26,6 +29,7 @@ from typing import Iterable, Optional, Union
 import torch
 
 from . import dispatch
+from ._checks import FLOAT, INT_OR_BOOL, check_row_offset, check_tensor, shape_str, special_id_list
 from .errors import UserError
 from .masking import IGNORE_INDEX, MODES, MaskingOutput, default_max_predictions
 
@@ -36,6 +40,7 @@ _U32 = 1 << 32
 _MASK32 = _U32 - 1
 _MAX_OFFSET = 1 << 63
 _MAX_VOCAB = 1 << 31
+_IDS = (torch.int32, torch.int64)
 
 
 # ---- the extension ---------------------------------------------------------------------------------------
@@ -114,22 +119,6 @@ def _threshold(prob: float) -> int:
     return min(_U32, max(0, math.floor(prob * _U32)))
 
 
-def _special_list(special_token_ids) -> list[int]:
-    if special_token_ids is None:
-        return []
-    if isinstance(special_token_ids, torch.Tensor):
-        if special_token_ids.is_floating_point() or special_token_ids.is_complex():
-            raise UserError(f"special_token_ids has dtype {special_token_ids.dtype}; pass integer token ids")
-        special_token_ids = special_token_ids.reshape(-1).tolist()  # (a sync for a GPU tensor: pass a list)
-    try:
-        return sorted({int(i) for i in special_token_ids})
-    except (TypeError, ValueError) as exc:
-        raise UserError(
-            f"special_token_ids={special_token_ids!r} is not an iterable of ints ({exc}); "
-            "pass e.g. tokenizer.special_token_ids"
-        ) from None
-
-
 def _n_allowed(specials: list[int], vocab_size: int) -> int:
     return vocab_size - sum(1 for s in specials if 0 <= s < vocab_size)
 
@@ -162,7 +151,8 @@ def philox4x32_10(c0, c1, c2, c3, k0: int, k1: int) -> list[torch.Tensor]:
 
 def mask_select_torch(input_ids, attention_mask, lengths, special_tokens_mask, word_ids, special_ids: list[int],
                       mask_token_id: int, vocab_size: int, mlm_probability: float, mask_replace_prob: float,
-                      random_replace_prob: float, exact: bool, max_predictions: int, seed: int, offset: int):
+                      random_replace_prob: float, exact: bool, max_predictions: int, seed: int, offset: int,
+                      row_offset: int = 0):
     """csrc/mask_select.h in plain PyTorch (vectorised over the batch): the same bits as the C++ twin and the
     CUDA kernel. Arguments as the `mlmfast::mask_select` op (validated); returns its 6 tensors."""
     B, L = input_ids.shape
@@ -173,7 +163,7 @@ def mask_select_torch(input_ids, attention_mask, lengths, special_tokens_mask, w
     off_lo, off_hi = offset & _MASK32, (offset >> 32) & 0x7FFFFFFF
     ids = input_ids.long()  # (B, L)
     pos = torch.arange(L, device=dev).expand(B, L)  # (B, L)
-    row = torch.arange(B, device=dev)[:, None].expand(B, L)  # (B, L)
+    row = ((torch.arange(B, device=dev) + row_offset) & _MASK32)[:, None].expand(B, L)  # (B, L) counter row
 
     # eligibility
     elig = torch.ones((B, L), dtype=torch.bool, device=dev)
@@ -253,7 +243,7 @@ def _addr(t: Optional[torch.Tensor]) -> tuple[int, int]:
 
 def _mask_select_ext(ext, input_ids, attention_mask, lengths, special_tokens_mask, word_ids, special_ids,
                      mask_token_id, vocab_size, mlm_probability, mask_replace_prob, random_replace_prob, exact,
-                     max_predictions, seed, offset, outputs=None):
+                     max_predictions, seed, offset, row_offset=0, outputs=None):
     """The C++ twin / CUDA kernel. `outputs`: the 6 contiguous output tensors, preallocated (tests poison
     them and surround them with guard bands); default: fresh ones."""
     B, L = input_ids.shape
@@ -283,7 +273,7 @@ def _mask_select_ext(ext, input_ids, attention_mask, lengths, special_tokens_mas
     p.thr_mask = _threshold(mask_replace_prob)
     p.thr_mask_random = _threshold(min(1.0, mask_replace_prob + random_replace_prob))
     p.p_select, p.exact = float(mlm_probability), int(bool(exact))
-    p.seed, p.offset = seed & ((1 << 64) - 1), offset
+    p.seed, p.offset, p.row_offset = seed & ((1 << 64) - 1), offset, row_offset
     if input_ids.device.type == "cuda":
         dev = input_ids.device
         ext.mask_select_cuda(p, dev.index, torch.cuda.current_stream(dev).cuda_stream)
@@ -297,11 +287,11 @@ def _mask_select_op(
     input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor], lengths: Optional[torch.Tensor],
     special_tokens_mask: Optional[torch.Tensor], word_ids: Optional[torch.Tensor], special_ids: list[int],
     mask_token_id: int, vocab_size: int, mlm_probability: float, mask_replace_prob: float,
-    random_replace_prob: float, exact: bool, max_predictions: int, seed: int, offset: int,
+    random_replace_prob: float, exact: bool, max_predictions: int, seed: int, offset: int, row_offset: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     args = (input_ids, attention_mask, lengths, special_tokens_mask, word_ids, list(special_ids), mask_token_id,
             vocab_size, mlm_probability, mask_replace_prob, random_replace_prob, exact, max_predictions,
-            seed, offset)
+            seed, offset, row_offset)
     backend = mask_select_backend(input_ids.device)
     if backend != "torch" and len(special_ids) <= extension().MAX_SPECIAL_IDS:
         return _mask_select_ext(extension(), *args)
@@ -310,7 +300,7 @@ def _mask_select_op(
 
 @_mask_select_op.register_fake
 def _(input_ids, attention_mask, lengths, special_tokens_mask, word_ids, special_ids, mask_token_id, vocab_size,
-      mlm_probability, mask_replace_prob, random_replace_prob, exact, max_predictions, seed, offset):
+      mlm_probability, mask_replace_prob, random_replace_prob, exact, max_predictions, seed, offset, row_offset=0):
     B, L = input_ids.shape
     P = max_predictions
 
@@ -336,20 +326,19 @@ def _prob(name: str, value, lo_open: bool) -> float:
     return value
 
 
-def _same_shape(name: str, t, input_ids: torch.Tensor, shape=None) -> Optional[torch.Tensor]:
-    if t is None:
-        return None
-    if not isinstance(t, torch.Tensor):
-        raise UserError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    shape = tuple(input_ids.shape) if shape is None else shape
-    if tuple(t.shape) != shape:
-        raise UserError(f"{name} has shape {tuple(t.shape)}; expected {shape} (input_ids has shape "
-                        f"{tuple(input_ids.shape)})")
-    if t.is_floating_point() or t.is_complex():
-        raise UserError(f"{name} has dtype {t.dtype}; pass an integer or bool tensor")
-    if t.device != input_ids.device:
-        raise UserError(f"{name} is on {t.device} but input_ids is on {input_ids.device}; move it with .to()")
-    return t
+def _check_masks(input_ids: torch.Tensor, attention_mask, lengths, special_tokens_mask, word_ids) -> None:
+    """The optional per-token / per-row tensors of mask_select: shape, dtype and device of input_ids."""
+    B, L = input_ids.shape
+    like = f"[B, L] = {shape_str(input_ids.shape)} (input_ids' shape)"
+    dev = dict(device=input_ids.device, device_of="input_ids", optional=True)
+    check_tensor("attention_mask", attention_mask, f"an integer or bool tensor {like}, 0 = padding",
+                 dtypes=INT_OR_BOOL, shape=(B, L), **dev)
+    check_tensor("special_tokens_mask", special_tokens_mask, f"an integer or bool tensor {like}, 1 = special",
+                 dtypes=INT_OR_BOOL, shape=(B, L), **dev)
+    check_tensor("word_ids", word_ids, f"an int32 or int64 tensor of word ids {like}", dtypes=_IDS,
+                 shape=(B, L), **dev)
+    check_tensor("lengths", lengths, f"an int32 or int64 tensor [B] = [{B}] of row lengths", dtypes=_IDS,
+                 shape=(B,), **dev)
 
 
 def mask_select(
@@ -369,6 +358,7 @@ def mask_select(
     max_predictions: Optional[int] = None,
     seed: int = 0,
     offset: int = 0,
+    row_offset: int = 0,
 ) -> MaskingOutput:
     """Select MLM targets and corrupt them (BERT 80/10/10) in one launch; see the module docstring.
 
@@ -378,15 +368,14 @@ def mask_select(
     (same id >= 0 in a row = one word, < 0 = a unit of its own; ids must be < 2^31). mode "bernoulli" or
     "exact" as in mask_tokens. max_predictions: capacity P (default `default_max_predictions(L, p)`).
     seed (any int, taken mod 2^64) and offset (0 <= offset < 2^63): the random stream; use a new offset for
-    each batch (e.g. the step number). Ids are not range-checked (that would need a sync): an id outside
-    [0, vocab_size) is treated as an ordinary token.
+    each batch (e.g. the step number). row_offset (0 <= row_offset <= 2^32 - B): the index of this call's
+    first row in the global batch; row b draws as row row_offset + b. Data parallel: rank k of a global batch
+    split into local batches of B rows passes row_offset = k * B (and the same seed and offset on every rank),
+    and gets exactly the rows of one call on the whole batch. Ids are not range-checked (that would need a
+    sync): an id outside [0, vocab_size) is treated as an ordinary token.
     """
-    if not isinstance(input_ids, torch.Tensor):
-        raise UserError(f"input_ids must be a torch.Tensor of token ids, got {type(input_ids).__name__}")
-    if input_ids.dim() != 2:
-        raise UserError(f"input_ids has shape {tuple(input_ids.shape)}; pass a 2-D (batch, seq_len) tensor")
-    if input_ids.dtype not in (torch.int32, torch.int64):
-        raise UserError(f"input_ids has dtype {input_ids.dtype}; pass int64 or int32 token ids")
+    check_tensor("input_ids", input_ids, "a 2-D torch.Tensor of int32 or int64 token ids [B, L]", dtypes=_IDS,
+                 shape=(None, None))
     if not _is_int(vocab_size) or not (1 <= vocab_size < _MAX_VOCAB):
         raise UserError(f"vocab_size={vocab_size!r} must be an int in [1, 2^31)")
     if not _is_int(mask_token_id) or not (0 <= mask_token_id < vocab_size):
@@ -403,28 +392,23 @@ def mask_select(
     if not _is_int(offset) or not (0 <= offset < _MAX_OFFSET):
         raise UserError(f"offset={offset!r} must be an int in [0, 2^63) (e.g. the step number)")
     B, L = input_ids.shape
+    check_row_offset(row_offset, B)
     if max_predictions is None:
         P = default_max_predictions(L, p)
     elif not _is_int(max_predictions) or max_predictions < 1:
         raise UserError(f"max_predictions={max_predictions!r} must be an int >= 1 (or None for the default)")
     else:
         P = int(max_predictions)
-    attention_mask = _same_shape("attention_mask", attention_mask, input_ids)
-    special_tokens_mask = _same_shape("special_tokens_mask", special_tokens_mask, input_ids)
-    word_ids = _same_shape("word_ids", word_ids, input_ids)
-    lengths = _same_shape("lengths", lengths, input_ids, shape=(B,))
-    if word_ids is not None and word_ids.dtype not in (torch.int32, torch.int64):
-        raise UserError(f"word_ids has dtype {word_ids.dtype}; pass int64 or int32 word ids")
-    if lengths is not None and lengths.dtype not in (torch.int32, torch.int64):
-        raise UserError(f"lengths has dtype {lengths.dtype}; pass int64 or int32 lengths")
-    specials = _special_list(special_token_ids)
+    _check_masks(input_ids, attention_mask, lengths, special_tokens_mask, word_ids)
+    specials = special_id_list(special_token_ids)
     if pr > 0.0 and _n_allowed(specials, vocab_size) == 0:
         raise UserError(f"random_replace_prob={pr} > 0 but every id in [0, {vocab_size}) is in special_token_ids; "
                         "set random_replace_prob=0 or fix special_token_ids")
     seed = int(seed) & ((1 << 64) - 1)
     seed_i64 = seed - (1 << 64) if seed >= (1 << 63) else seed  # the op schema's int is int64
     out = _mask_select_op(input_ids, attention_mask, lengths, special_tokens_mask, word_ids, specials,
-                          int(mask_token_id), int(vocab_size), p, pm, pr, mode == "exact", P, seed_i64, int(offset))
+                          int(mask_token_id), int(vocab_size), p, pm, pr, mode == "exact", P, seed_i64, int(offset),
+                          int(row_offset))
     return MaskingOutput(*out)
 
 
@@ -534,18 +518,10 @@ def gather_rows(hidden: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
     Differentiable in hidden (backward: a deterministic scatter-add into (B, L, H)). A position outside
     [0, L) gives a zero row and no gradient (not checked: that would need a host sync).
     """
-    if not isinstance(hidden, torch.Tensor) or hidden.dim() != 3:
-        shape = tuple(hidden.shape) if isinstance(hidden, torch.Tensor) else type(hidden).__name__
-        raise UserError(f"hidden has shape {shape}; pass the encoder output (batch, seq_len, hidden)")
-    if not hidden.is_floating_point():
-        raise UserError(f"hidden has dtype {hidden.dtype}; pass a float32, float16 or bfloat16 tensor")
-    if not isinstance(positions, torch.Tensor) or positions.dim() != 2:
-        shape = tuple(positions.shape) if isinstance(positions, torch.Tensor) else type(positions).__name__
-        raise UserError(f"positions has shape {shape}; pass (batch, P) positions (MaskingOutput.positions)")
-    if positions.dtype not in (torch.int32, torch.int64):
-        raise UserError(f"positions has dtype {positions.dtype}; pass int64 or int32 positions")
-    if positions.shape[0] != hidden.shape[0]:
-        raise UserError(f"positions has batch size {positions.shape[0]} but hidden has {hidden.shape[0]}")
-    if positions.device != hidden.device:
-        raise UserError(f"positions is on {positions.device} but hidden is on {hidden.device}; move it with .to()")
+    check_tensor("hidden", hidden, "a float tensor [B, L, H] (the encoder output)", dtypes=FLOAT,
+                 shape=(None, None, None))
+    B = hidden.shape[0]
+    check_tensor("positions", positions, f"an int32 or int64 tensor [B, P] with B = {B} (hidden's batch size), "
+                 "e.g. MaskingOutput.positions", dtypes=_IDS, shape=(B, None), device=hidden.device,
+                 device_of="hidden")
     return _gather_rows_op(hidden, positions)

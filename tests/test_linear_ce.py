@@ -191,9 +191,9 @@ def test_custom_op_opcheck():
 
 def test_bad_arguments_are_user_errors(monkeypatch):
     x, w, b, labels = make(5, 8, 10, torch.float32)
-    with pytest.raises(UserError, match="weight must be"):
+    with pytest.raises(UserError, match="weight shape"):
         linear_cross_entropy(x, w[:, :4], b, labels)
-    with pytest.raises(UserError, match="labels must be"):
+    with pytest.raises(UserError, match="labels shape"):
         linear_cross_entropy(x, w, b, labels[:3])
     with pytest.raises(UserError, match="reduction"):
         linear_cross_entropy(x, w, b, labels, reduction="none")

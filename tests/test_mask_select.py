@@ -300,6 +300,121 @@ def test_seed_offset_reproducible_and_fresh():
     assert torch.equal(sub.labels, a.labels[:4])
 
 
+# ---- row_offset: masks independent of how a global batch is split across ranks -------------------------------
+def _with_rows(args, rows: slice, row_offset: int):
+    """The op arguments of `args` restricted to the batch rows `rows`, drawing from counter row row_offset."""
+    a = list(args[:15])
+    for i in range(5):  # input_ids, attention_mask, lengths, special_tokens_mask, word_ids
+        if a[i] is not None:
+            a[i] = a[i][rows]
+    return tuple(a) + (row_offset,)
+
+
+def _assert_concat(full: MaskingOutput, parts, what=""):
+    for f in FIELDS:
+        assert torch.equal(getattr(full, f), torch.cat([getattr(p, f) for p in parts])), (what, f)
+
+
+@st.composite
+def split_cases(draw):
+    args = draw(cases())
+    B = args[0].shape[0]
+    cut = draw(st.integers(0, B))  # the first rank gets rows [0, cut), the second [cut, B)
+    base = draw(st.sampled_from([0, 1, 2**31 - 7, 2**32 - B]))  # row_offset of the whole batch
+    return args, cut, base
+
+
+@given(split_cases())
+def test_row_offset_split_invariant_twins(case):
+    """Rows [0, B) at row_offset r == rows [0, c) at r ++ rows [c, B) at r + c, on the C++ and the PyTorch twin,
+    over the awkward cases of `cases()` (both modes, word ids or not, capacity cuts, int32/int64)."""
+    args, cut, base = case
+    B = args[0].shape[0]
+    runs = [_run_torch] + ([_run_cpp] if ops.extension() is not None else [])
+    outs = []
+    for run in runs:
+        full = run(*_with_rows(args, slice(0, B), base))
+        parts = run(*_with_rows(args, slice(0, cut), base)), run(*_with_rows(args, slice(cut, B), base + cut))
+        _assert_concat(full, parts, (run.__name__, B, cut, base))
+        outs.append(full)
+    for o in outs[1:]:
+        _assert_same(outs[0], o, "C++ twin == PyTorch twin at a row_offset")
+
+
+def _halves_kw(ids, attn, wid, rows):
+    return dict(attention_mask=attn[rows], word_ids=None if wid is None else wid[rows])
+
+
+@pytest.mark.parametrize("mode", ["bernoulli", "exact"])
+@pytest.mark.parametrize("whole_word", [False, True])
+@pytest.mark.parametrize("impl", ["cpp", "torch"])
+def test_row_offset_halves_public_api(mode, whole_word, impl, monkeypatch):
+    """mask_select and mask_tokens on a [2B, L] batch == its halves at row_offset 0 and B (data parallel)."""
+    if impl == "cpp" and ops.extension() is None:
+        pytest.skip(f"mlmfast._C not built: {ops.extension_error()}")
+    if impl == "torch":
+        monkeypatch.setattr(ops, "_EXT_STATE", {"mod": None, "err": "ImportError: simulated"})
+    for B, L in [(1, 1), (3, 17), (4, 129), (16, 40)]:
+        ids, attn = _batch(2 * B, L, seed=B * 100 + L)
+        wid = (torch.arange(L).expand(2 * B, L) // 3).contiguous() if whole_word else None
+        kw = dict(mask_token_id=MASK, vocab_size=VOCAB, special_token_ids=SPECIAL, mode=mode, seed=L + 3)
+        top, bottom = slice(0, B), slice(B, 2 * B)
+        full = ops.mask_select(ids, offset=4, **kw, **_halves_kw(ids, attn, wid, slice(None)))
+        parts = (ops.mask_select(ids[top], offset=4, row_offset=0, **kw, **_halves_kw(ids, attn, wid, top)),
+                 ops.mask_select(ids[bottom], offset=4, row_offset=B, **kw, **_halves_kw(ids, attn, wid, bottom)))
+        _assert_concat(full, parts, ("mask_select", impl, B, L))
+        if impl == "cpp":  # mask_tokens: the kernel path honours row_offset
+            full = mask_tokens(ids, **kw, **_halves_kw(ids, attn, wid, slice(None)))
+            parts = (mask_tokens(ids[top], **kw, **_halves_kw(ids, attn, wid, top)),
+                     mask_tokens(ids[bottom], row_offset=B, backend="kernel", **kw,
+                                 **_halves_kw(ids, attn, wid, bottom)))
+            _assert_concat(full, parts, ("mask_tokens", B, L))
+            if B * L >= 64:  # and a row_offset changes the draws (the halves are not masked alike)
+                assert not torch.equal(parts[1].labels, mask_tokens(ids[bottom], **kw,
+                                                                     **_halves_kw(ids, attn, wid, bottom)).labels)
+
+
+def test_row_offset_zero_keeps_the_old_bits():
+    """Known answers of the PyTorch twin before row_offset existed (commit b776641): the default is unchanged."""
+    ids = torch.tensor([[2, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 3], [2, 20, 21, 22, 23, 24, 25, 26, 27, 28, 3, 0]])
+    attn = (ids != 0).long()
+    wid = torch.tensor([[-1, 0, 0, 1, 2, 2, 2, 3, 4, 5, 5, -1], [-1, 0, 1, 1, 2, 3, 4, 4, 5, 6, -1, -1]])
+    per_pos = [[2, 4, 11, 21, 13, 14, 11, 16, 17, 18, 4, 3], [2, 20, 4, 22, 23, 4, 4, 26, 27, 28, 3, 0]]
+    per_word = [[2, 10, 11, 12, 31, 14, 11, 16, 46, 18, 19, 3], [2, 20, 4, 4, 23, 4, 25, 26, 27, 4, 3, 0]]
+    want = {  # (exact, whole word) -> (masked ids, positions)
+        (False, False): (per_pos, [[1, 3, 6, 10, 0, 0, 0, 0], [2, 4, 5, 6, 7, 0, 0, 0]]),
+        (False, True): (per_word, [[4, 5, 6, 8, 0, 0, 0, 0], [2, 3, 4, 5, 9, 0, 0, 0]]),
+        (True, False): (per_pos, [[1, 3, 6, 7, 10, 0, 0, 0], [2, 4, 5, 6, 7, 0, 0, 0]]),
+        (True, True): (per_word, [[4, 5, 6, 8, 0, 0, 0, 0], [2, 3, 4, 5, 9, 0, 0, 0]]),
+    }
+    runs = [_run_torch] + ([_run_cpp] if ops.extension() is not None else [])
+    for (exact, whole_word), (masked, positions) in want.items():
+        args = _op_args(ids, attn, wid=wid if whole_word else None, p=0.5, pm=0.5, pr=0.3, exact=exact, P=8,
+                        seed=1234, offset=99)
+        for run in runs:
+            for a in (args, args + (0,)):  # row_offset left out, and given as 0
+                out = run(*a)
+                assert out.input_ids.tolist() == masked and out.positions.tolist() == positions, (run, exact)
+
+
+def test_row_offset_errors(monkeypatch):
+    ids, attn = _batch(4, 8, seed=0)
+    kw = dict(mask_token_id=MASK, vocab_size=VOCAB, special_token_ids=SPECIAL, attention_mask=attn)
+    for bad in (-1, 2**32 - 3, 2**32, 1.0, True, "1", None):
+        with pytest.raises(UserError, match="row_offset"):
+            ops.mask_select(ids, row_offset=bad, **kw)
+        with pytest.raises(UserError, match="row_offset"):
+            mask_tokens(ids, row_offset=bad, seed=0, **kw)
+    ops.mask_select(ids, row_offset=2**32 - 4, **kw)  # the last rows: 2^32 - 4 .. 2^32 - 1
+    with pytest.raises(UserError, match="row_offset.*reference"):
+        mask_tokens(ids, row_offset=4, seed=0, backend="reference", **kw)
+    with pytest.raises(UserError, match="row_offset.*generator"):
+        mask_tokens(ids, row_offset=4, generator=torch.Generator(), **kw)
+    # auto without a kernel: the reference, row_offset not honoured (documented)
+    monkeypatch.setattr(ops, "_EXT_STATE", {"mod": None, "err": "ImportError: simulated"})
+    _assert_same(mask_tokens(ids, row_offset=4, seed=0, **kw), mask_tokens(ids, seed=0, backend="reference", **kw))
+
+
 # ---- statistics: the twin behaves like the reference --------------------------------------------------------
 def _stat_batch():
     ids, attn = _batch(TOL["stat_batch"], TOL["stat_len"], seed=11)
@@ -429,16 +544,18 @@ def test_opcheck_and_compile():
     wid = torch.arange(20).expand(3, 20) // 2
     args = _op_args(ids, attn, None, None, wid, exact=True, seed=4, offset=2)
     torch.library.opcheck(torch.ops.mlmfast.mask_select.default, args)
+    torch.library.opcheck(torch.ops.mlmfast.mask_select.default, args + (5,))  # with a row_offset
 
-    def step(x, m, offset):
+    def step(x, m, offset, row_offset=0):
         o = ops.mask_select(x, mask_token_id=MASK, vocab_size=VOCAB, special_token_ids=SPECIAL, attention_mask=m,
-                            seed=7, offset=offset)
+                            seed=7, offset=offset, row_offset=row_offset)
         return o.input_ids * 2, o.positions, o.position_labels
 
-    eager = step(ids, attn, 3)
-    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")(ids, attn, 3)
-    for x, y in zip(eager, compiled):
-        assert torch.equal(x, y)
+    for row_offset in (0, 9):
+        eager = step(ids, attn, 3, row_offset)
+        compiled = torch.compile(step, fullgraph=True, backend="aot_eager")(ids, attn, 3, row_offset)
+        for x, y in zip(eager, compiled):
+            assert torch.equal(x, y)
 
 
 def test_fallback_without_extension(monkeypatch):
@@ -528,6 +645,7 @@ def test_cuda_equals_twin(cuda_device, B, L, mode, whole_word):
         wid = (torch.arange(L).expand(B, L) // 3).contiguous() if whole_word else None
         for P in (default_max_predictions(L, 0.15), max(1, L // 50)):  # the default, and a capacity that overflows
             args = _op_args(ids, attn, None, None, wid, exact=mode == "exact", P=P, seed=L * 7 + 1, offset=B)
+            args += (0 if P == max(1, L // 50) else 2**32 - B,)  # row_offset: none, and the last rows
             cpu = _run_cpp(*args)
             gpu_args = tuple(a.to(cuda_device) if isinstance(a, torch.Tensor) else a for a in args)
             gpu = MaskingOutput(*ops._mask_select_ext(ops.extension(), *gpu_args))
@@ -542,6 +660,22 @@ def test_cuda_equals_twin_properties(args):
     _cuda_kernel_or_fail()
     gpu_args = tuple(a.cuda() if isinstance(a, torch.Tensor) else a for a in args)
     _assert_same(_run_guarded(*gpu_args), _run_cpp(*args))
+
+
+@pytest.mark.gpu
+@given(split_cases())
+def test_cuda_row_offset_equals_twin(case):
+    """The kernel honours row_offset as the twins do: a split batch on the GPU == the whole batch on the CPU."""
+    if not torch.cuda.is_available():
+        pytest.fail("this test needs a CUDA GPU (run `pytest -m gpu` on a GPU machine)")
+    _cuda_kernel_or_fail()
+    args, cut, base = case
+    B = args[0].shape[0]
+    gpu_args = tuple(a.cuda() if isinstance(a, torch.Tensor) else a for a in args)
+    parts = (_run_guarded(*_with_rows(gpu_args, slice(0, cut), base)),
+             _run_guarded(*_with_rows(gpu_args, slice(cut, B), base + cut)))
+    _assert_concat(_run_cpp(*_with_rows(args, slice(0, B), base)), [MaskingOutput(*(t.cpu() for t in (
+        getattr(p, f) for f in FIELDS))) for p in parts])
 
 
 @pytest.mark.gpu
