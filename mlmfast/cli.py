@@ -1,4 +1,4 @@
-"""The `mlmfast` command: train, eval, fill, tokenizer, info, bench.
+"""The `mlmfast` command: train, prepare, eval, fill, tokenizer, info, bench.
 
 Bad input ends with one line `error: ...` naming the problem and the fix and exit status 2; `--debug` shows the
 traceback instead.
@@ -73,8 +73,20 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--log-every", type=int, default=d.log_every)
     g.add_argument("--save-every", type=int, default=d.save_every)
     g.add_argument("--keep-checkpoints", type=int, default=d.keep_checkpoints)
-    g.add_argument("--resume", action="store_true", help="continue the run in --out from its newest checkpoint")
+    g.add_argument("--resume", nargs="?", const="latest", default=None, metavar="auto|CHECKPOINT",
+                   help="continue the run in --out from its newest valid checkpoint (corrupt ones are named and "
+                        "skipped); 'auto' also starts the run when --out holds none (for restart loops); or a "
+                        "checkpoint directory RUN/checkpoints/step-N")
+    g.add_argument("--max-bad-steps", type=int, default=d.max_bad_steps,
+                   help="stop after this many steps in a row with a non-finite loss or gradient (each is skipped; "
+                        f"default: {d.max_bad_steps})")
+    g.add_argument("--deterministic", action="store_true",
+                   help="torch.use_deterministic_algorithms(True): bit-identical reruns and resumes")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
+    g = p.add_argument_group("several processes (launch with torchrun)")
+    g.add_argument("--strategy", choices=["ddp", "fsdp"], default=d.strategy,
+                   help="ddp: replicated weights, all-reduced gradients (default); fsdp: FSDP2 fully_shard, "
+                        "weights, gradients and optimizer state sharded over the processes")
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -91,9 +103,12 @@ def cmd_train(args: argparse.Namespace) -> int:
         weight_decay=args.weight_decay, clip_grad_norm=args.clip_grad_norm, precision=args.precision,
         device=args.device, seed=args.seed, eval_every=args.eval_every, eval_batches=args.eval_batches,
         log_every=args.log_every, save_every=args.save_every, keep_checkpoints=args.keep_checkpoints,
-        progress=not args.no_progress,
+        progress=not args.no_progress, max_bad_steps=args.max_bad_steps, deterministic=args.deterministic,
+        strategy=args.strategy,
     )
-    r = train(cfg, resume=args.resume)
+    r = train(cfg, resume=args.resume or False)
+    if int(os.environ.get("RANK", "0")) != 0:  # torchrun: rank 0 reports
+        return 0
     print()
     print(f"done: {r.steps} steps in {r.seconds:.0f}s ({r.tokens_per_s:,.0f} tokens/s)")
     if r.first_val and r.last_val:
@@ -311,6 +326,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train_args(t)
     t.set_defaults(func=cmd_train)
 
+    from .prepare import add_prepare_parser
+
+    add_prepare_parser(sub)
+
     e = sub.add_parser("eval", help="MLM loss, perplexity and masked-token accuracy of a model",
                        description="Evaluate a run (on its validation split) or a model directory (on --data).")
     e.add_argument("path", help="run directory, checkpoint directory or HF BERT directory")
@@ -376,7 +395,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("interrupted; `mlmfast train --resume --out RUN_DIR` continues from the last checkpoint",
+        print("interrupted; `mlmfast train --resume auto --out RUN_DIR` continues from the last checkpoint",
               file=sys.stderr)
         return 130
 

@@ -498,13 +498,24 @@ def _build_rows(ids: list[list[int]], words: list[list[int]] | None, seq_len: in
 # ====================================================================== loading
 class ResumableSampler(Sampler[int]):
     """Indices of one epoch: a permutation from torch.Generator seeded with seed + epoch (or 0..n-1 when not
-    shuffling), starting at `start_index`, so a resumed run continues at the exact sample."""
+    shuffling; or the dataset's own `epoch_order(seed, epoch)` when given as `order_fn`), starting at
+    `start_index`, so a resumed run continues at the exact sample.
+
+    Data parallel (world_size > 1): the epoch's order is cut into global batches of batch_size * world_size
+    samples; this rank yields its part [r*B, (r+1)*B) of each, from global batch start_index // (B * W) on, so
+    the ranks read disjoint samples and their union is what one process with the global batch would read.
+    Only whole global batches are yielded then.
+    """
 
     def __init__(self, num_samples: int, *, shuffle: bool = True, seed: int = 0, epoch: int = 0,
-                 start_index: int = 0):
+                 start_index: int = 0, order_fn=None, rank: int = 0, world_size: int = 1, batch_size: int = 1):
+        if not 0 <= rank < world_size:
+            raise UserError(f"rank {rank} is not in [0, world size {world_size})")
         self.num_samples = num_samples
         self.shuffle = shuffle
         self.seed = seed
+        self.order_fn = order_fn
+        self.rank, self.world_size, self.batch_size = rank, world_size, batch_size
         self.set_epoch(epoch, start_index)
 
     def set_epoch(self, epoch: int, start_index: int = 0) -> None:
@@ -514,17 +525,32 @@ class ResumableSampler(Sampler[int]):
         self.epoch = epoch
         self.start_index = start_index
 
-    def order(self) -> torch.Tensor:
-        """All indices of the current epoch, in order."""
+    def order(self):
+        """All indices of the current epoch, in order (a tensor, or the dataset's lazy sequence)."""
         if not self.shuffle:
             return torch.arange(self.num_samples)
+        if self.order_fn is not None:
+            return self.order_fn(self.seed, self.epoch)
         return torch.randperm(self.num_samples, generator=torch.Generator().manual_seed(self.seed + self.epoch))
 
+    def _own_slices(self):
+        g = self.batch_size * self.world_size
+        for k in range(self.start_index // g, self.num_samples // g):
+            lo = k * g + self.rank * self.batch_size
+            yield lo, lo + self.batch_size
+
     def __iter__(self):
-        return iter(self.order()[self.start_index:].tolist())
+        order = self.order()
+        if self.world_size == 1:
+            if torch.is_tensor(order):
+                return iter(order[self.start_index:].tolist())
+            return order.iter_from(self.start_index)
+        return (int(order[i]) for lo, hi in self._own_slices() for i in range(lo, hi))
 
     def __len__(self) -> int:
-        return self.num_samples - self.start_index
+        if self.world_size == 1:
+            return self.num_samples - self.start_index
+        return sum(hi - lo for lo, hi in self._own_slices())
 
 
 class _Loader(DataLoader):
@@ -546,23 +572,31 @@ class _Loader(DataLoader):
 
 
 def make_loader(dataset: Dataset, batch_size: int, shuffle: bool = True, seed: int = 0, num_workers: int = 0,
-                drop_last: bool = True, start_batch: int = 0, epoch: int = 0) -> DataLoader:
+                drop_last: bool = True, start_batch: int = 0, epoch: int = 0, rank: int = 0,
+                world_size: int = 1) -> DataLoader:
     """A DataLoader with a deterministic order per (seed, epoch); `start_batch=k` yields exactly the batches
     k, k+1, ... of the same epoch without resuming. `loader.sampler.set_epoch(e)` moves to another epoch.
+    A dataset with an `epoch_order(seed, epoch)` method (mlmfast.prepare.PreparedDataset) supplies its own
+    shuffled order. With world_size > 1 this is rank `rank`'s loader: batches are the rank's part of global
+    batches of batch_size * world_size (see ResumableSampler; start_batch counts global batches).
     Workers are persistent; memory is pinned only when CUDA is available."""
     n = len(dataset)
     if batch_size < 1:
         raise UserError(f"batch size must be at least 1, got {batch_size}")
     if n == 0:
         raise UserError("the dataset is empty: use more data (or a smaller --val-fraction)")
-    if drop_last and batch_size > n:
-        raise UserError(f"batch size {batch_size} is larger than the dataset ({n} rows), so an epoch has no "
-                        f"full batch: use a smaller --batch-size or more data")
-    num_batches = n // batch_size if drop_last else -(-n // batch_size)
+    global_batch = batch_size * world_size
+    if drop_last and global_batch > n:
+        raise UserError(f"batch size {batch_size}{f' x {world_size} processes' if world_size > 1 else ''} is larger "
+                        f"than the dataset ({n} rows), so an epoch has no full batch: use a smaller --batch-size "
+                        "or more data")
+    num_batches = n // global_batch if drop_last or world_size > 1 else -(-n // batch_size)
     if not 0 <= start_batch <= num_batches:
         raise UserError(f"cannot resume at batch {start_batch}: an epoch has {num_batches} batches")
     sampler = ResumableSampler(n, shuffle=shuffle, seed=seed, epoch=epoch,
-                               start_index=min(n, start_batch * batch_size))
+                               start_index=min(n, start_batch * global_batch),
+                               order_fn=getattr(dataset, "epoch_order", None), rank=rank, world_size=world_size,
+                               batch_size=batch_size)
     return _Loader(dataset, batch_size=batch_size, sampler=sampler, collate_fn=collate, num_workers=num_workers,
                    drop_last=drop_last, persistent_workers=num_workers > 0,
                    pin_memory=torch.cuda.is_available(), generator=torch.Generator().manual_seed(seed))

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -11,7 +12,7 @@ from .errors import UserError
 
 def resolve_model_dir(path: str) -> str:
     """A directory holding config.json + weights: the path itself, a run's final model, or its newest checkpoint."""
-    from .trainer import checkpoint_dirs
+    from .checkpoint import latest_valid_checkpoint
 
     if not os.path.exists(path):
         raise UserError(f"no such directory: {path}")
@@ -22,9 +23,9 @@ def resolve_model_dir(path: str) -> str:
     final = os.path.join(path, "model")
     if os.path.isfile(os.path.join(final, "config.json")):
         return final
-    ckpts = checkpoint_dirs(path)
-    if ckpts:
-        return ckpts[-1]
+    ckpt = latest_valid_checkpoint(path, log=lambda msg: print(msg, file=sys.stderr))
+    if ckpt:
+        return ckpt
     raise UserError(f"{path} is not a checkpoint: it holds no config.json, no model/ and no checkpoints/; "
                     "pass the --out directory of a training run or an HF BERT directory")
 

@@ -9,9 +9,19 @@ Run directory layout (everything a user or the next run needs):
     metrics.jsonl              one JSON object per log line (train and val)
     loss.png                   training and validation loss curves
 
-Determinism: the masking of micro-step s uses the seed `mask_seed(cfg.seed, s)`, the data order of epoch e is
-a permutation seeded by (seed, e), and the torch RNG state (dropout) is checkpointed, so a resumed run sees the
-same batches, masks and dropout as an uninterrupted one.
+Determinism: the rows of optimizer step s are masked with the seed `mask_seed(cfg.seed, s)` and each row's index
+in the step's global batch (the kernel's row offset), so the masks, like the data, do not depend on how the
+global batch is cut into micro-batches and ranks; the data order of epoch e is a permutation seeded by (seed, e), and the torch
+RNG state of every rank (dropout) is checkpointed, so a resumed run sees the same batches, masks and dropout as
+an uninterrupted one: killed with SIGKILL at any moment and resumed with `--resume auto`, a CPU fp32 run ends
+with bit-identical weights (tests/test_crash_resume.py).
+
+Loss: the mean cross-entropy over every masked token of the optimizer step's global batch (all micro-batches
+of all ranks), so gradient accumulation and data parallelism give the gradients of one big batch.
+
+Data parallelism (torchrun; DDP or FSDP2) and its contract: mlmfast/distributed.py. Crash-safe checkpoints:
+mlmfast/checkpoint.py. A step whose loss or gradients are not finite is skipped (weights and optimizer state
+untouched) and counted; `max_bad_steps` of them in a row stop the run with the last good checkpoint kept.
 """
 from __future__ import annotations
 
@@ -26,6 +36,8 @@ from typing import Any, Callable, Optional
 
 import torch
 
+from .checkpoint import (CKPT_PREFIX, STATE_FILE, checkpoint_dirs, latest_valid_checkpoint, save_checkpoint,
+                         verify_checkpoint, write_atomic_json)
 from .config import PRESETS, ModelConfig
 from .errors import UserError
 
@@ -77,6 +89,10 @@ class TrainConfig:
     save_every: int = 200  # optimizer steps between checkpoints (and at the end)
     keep_checkpoints: int = 2  # newest checkpoints kept
     progress: bool = True  # tqdm progress bar
+    # robustness and scale-out
+    max_bad_steps: int = 10  # non-finite steps in a row (skipped) before the run stops
+    deterministic: bool = False  # torch.use_deterministic_algorithms (bit-exact resume on GPU too)
+    strategy: str = "ddp"  # under torchrun: "ddp" (replicated weights) or "fsdp" (FSDP2 fully_shard)
 
     def validate(self) -> None:
         if not 0.0 < self.mlm_probability < 1.0:
@@ -93,10 +109,12 @@ class TrainConfig:
             raise UserError(f"masking mode {self.masking_mode!r} is not known; use 'bernoulli' or 'exact'")
         if self.schedule not in ("linear", "cosine", "constant"):
             raise UserError(f"schedule {self.schedule!r} is not known; use linear, cosine or constant")
+        if self.strategy not in ("ddp", "fsdp"):
+            raise UserError(f"strategy {self.strategy!r} is not known; use ddp or fsdp")
         if self.precision not in ("auto", "fp32", "bf16", "fp16"):
             raise UserError(f"precision {self.precision!r} is not known; use auto, fp32, bf16 or fp16")
         for name in ("max_steps", "batch_size", "grad_accum", "eval_every", "log_every", "save_every",
-                     "keep_checkpoints", "seq_len", "vocab_size"):
+                     "keep_checkpoints", "seq_len", "vocab_size", "max_bad_steps"):
             if getattr(self, name) < 1:
                 raise UserError(f"{name.replace('_', '-')}={getattr(self, name)} must be >= 1")
         if self.seq_len < 3:
@@ -211,7 +229,9 @@ class MaskingSpec:
         return cls(tokenizer.mask_token_id, tokenizer.vocab_size, list(tokenizer.special_token_ids),
                    cfg.mlm_probability, cfg.mask_replace_prob, cfg.random_replace_prob, cfg.masking_mode)
 
-    def apply(self, batch: dict[str, torch.Tensor], seed: int):
+    def apply(self, batch: dict[str, torch.Tensor], seed: int, row_offset: int = 0):
+        """Mask a batch. row_offset = the index of its first row in the global batch (data parallelism): with
+        the counter-based kernel a row's mask depends on (seed, row_offset + row), not on the rank count."""
         from .masking import mask_tokens
 
         return mask_tokens(
@@ -219,7 +239,7 @@ class MaskingSpec:
             special_token_ids=self.special_token_ids, attention_mask=batch["attention_mask"],
             word_ids=batch.get("word_ids"), mlm_probability=self.mlm_probability,
             mask_replace_prob=self.mask_replace_prob, random_replace_prob=self.random_replace_prob,
-            mode=self.mode, seed=seed,
+            mode=self.mode, seed=seed, row_offset=row_offset,
         )
 
 
@@ -249,52 +269,54 @@ def train_forward(model, path: str, masked, attention_mask: torch.Tensor):
 
 @torch.no_grad()
 def evaluate(model, loader, spec: MaskingSpec, device: torch.device, max_batches: int = 0,
-             autocast_dtype: Optional[torch.dtype] = None) -> dict[str, float]:
+             autocast_dtype: Optional[torch.dtype] = None, env=None) -> dict[str, float]:
     """Token-weighted MLM loss, perplexity and masked-token accuracy over (up to max_batches of) a loader.
 
     Validation batches are masked with fixed seeds, so successive evaluations see the same masked tokens.
     Always the reference computation (full logits: the model is called without labels), whatever the training
-    path, so validation numbers of fast and reference runs are comparable."""
+    path, so validation numbers of fast and reference runs are comparable. Data parallel (`env` of
+    mlmfast.distributed): every rank iterates the same loader and computes batches i = rank (mod world size);
+    the sums are all-reduced, so every rank returns the single-process numbers. Ranks with one batch fewer run
+    one discarded forward, as FSDP2 needs every rank in every forward."""
+    from .distributed import DistEnv
+
+    env = env or DistEnv()
     was_training = model.training
     model.eval()
-    tot_loss = torch.zeros((), dtype=torch.float64, device=device)
-    tot_n = torch.zeros((), dtype=torch.int64, device=device)
-    tot_ok = torch.zeros((), dtype=torch.int64, device=device)
+    tot = torch.zeros(3, dtype=torch.float64, device=device)  # loss sum, labelled tokens, correct
+    own, n_batches, spare = 0, 0, None
     for i, batch in enumerate(loader):
         if max_batches and i >= max_batches:
             break
+        n_batches += 1
+        spare = batch if spare is None else spare
+        if i % env.world_size != env.rank:
+            continue
         batch = to_device(batch, device)
         masked = spec.apply(batch, seed=EVAL_MASK_SEED + i)
         with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
             out = model(masked.input_ids, attention_mask=batch["attention_mask"])
         loss_sum, n, ok = mlm_loss_sum(out.logits, masked.labels)
-        tot_loss += loss_sum.double()
-        tot_n += n
-        tot_ok += ok
+        tot += torch.stack([loss_sum.double(), n.double(), ok.double()])
+        own += 1
+    if env.enabled:
+        for _ in range(-(-n_batches // env.world_size) - own):  # FSDP: same number of forwards on every rank
+            b = to_device(spare, device)
+            with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+                model(b["input_ids"], attention_mask=b["attention_mask"])
+        env.all_reduce_sum_(tot)
     model.train(was_training)
-    n = int(tot_n)
+    loss_sum, n, ok = tot.tolist()
+    n = int(n)
     if n == 0:
         raise UserError("the validation split has no maskable tokens; use more data or a larger --val-fraction")
-    loss = float(tot_loss) / n
-    return {"val_loss": loss, "val_ppl": math.exp(min(loss, 50.0)), "val_acc": int(tot_ok) / n, "val_tokens": n}
+    loss = loss_sum / n
+    return {"val_loss": loss, "val_ppl": math.exp(min(loss, 50.0)), "val_acc": int(ok) / n, "val_tokens": n}
 
 
 # ---------------------------------------------------------------------------------------------------------
 # Checkpoints
 # ---------------------------------------------------------------------------------------------------------
-
-CKPT_PREFIX = "step-"
-
-
-def checkpoint_dirs(run_dir: str) -> list[str]:
-    """Complete checkpoints of a run, oldest first (temporary directories of an interrupted save are ignored)."""
-    root = os.path.join(run_dir, "checkpoints")
-    if not os.path.isdir(root):
-        return []
-    names = [n for n in os.listdir(root) if n.startswith(CKPT_PREFIX) and n[len(CKPT_PREFIX):].isdigit()]
-    names.sort(key=lambda n: int(n[len(CKPT_PREFIX):]))
-    return [os.path.join(root, n) for n in names if os.path.isfile(os.path.join(root, n, "trainer_state.pt"))]
-
 
 def _rng_state(device: torch.device) -> dict[str, Any]:
     import random
@@ -319,32 +341,6 @@ def _set_rng_state(st: dict[str, Any], device: torch.device) -> None:
         torch.cuda.set_rng_state(st["cuda"], device)
 
 
-def save_checkpoint(run_dir: str, step: int, model, tokenizer, optimizer, scheduler, scaler,
-                    device: torch.device, extra: dict[str, Any], keep: int) -> str:
-    """Write a checkpoint into a temporary directory, then rename it into place (atomic on POSIX)."""
-    root = os.path.join(run_dir, "checkpoints")
-    os.makedirs(root, exist_ok=True)
-    final = os.path.join(root, f"{CKPT_PREFIX}{step:06d}")
-    tmp = os.path.join(root, f".tmp-{CKPT_PREFIX}{step:06d}-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, tokenizer=tokenizer)
-    state = {
-        "step": step,
-        "optimizer": optimizer.state_dict(),
-        "scheduler": scheduler.state_dict(),
-        "scaler": scaler.state_dict() if scaler is not None else None,
-        "rng": _rng_state(device),
-        **extra,
-    }
-    torch.save(state, os.path.join(tmp, "trainer_state.pt"))
-    if os.path.exists(final):  # a re-run of the same step: replace it
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    for old in checkpoint_dirs(run_dir)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
-    return final
-
-
 # ---------------------------------------------------------------------------------------------------------
 # Metrics and plots
 # ---------------------------------------------------------------------------------------------------------
@@ -355,12 +351,12 @@ class MetricsLog:
         self.path = path
         if truncate_after_step is not None and os.path.exists(path):
             # A resumed run rewrites what came after its checkpoint, so the log has no duplicate steps.
-            with open(path) as f:
-                rows = [json.loads(l) for l in f if l.strip()]
-            rows = [r for r in rows if r.get("step", 0) <= truncate_after_step]
-            with open(path, "w") as f:
+            rows = [r for r in self.rows() if r.get("step", 0) <= truncate_after_step]
+            tmp = f"{path}.tmp-{os.getpid()}"
+            with open(tmp, "w") as f:
                 for r in rows:
                     f.write(json.dumps(r) + "\n")
+            os.replace(tmp, path)
         elif truncate_after_step is None and os.path.exists(path):
             os.remove(path)
 
@@ -369,10 +365,17 @@ class MetricsLog:
             f.write(json.dumps(row) + "\n")
 
     def rows(self) -> list[dict[str, Any]]:
+        """The logged rows; a line torn by a killed process is skipped."""
         if not os.path.exists(self.path):
             return []
+        out = []
         with open(self.path) as f:
-            return [json.loads(l) for l in f if l.strip()]
+            for line in f:
+                try:
+                    out.append(json.loads(line))
+                except ValueError:
+                    continue
+        return out
 
 
 def plot_metrics(rows: list[dict[str, Any]], path: str, title: str = "") -> Optional[str]:
@@ -451,6 +454,55 @@ def prepare_tokenizer(cfg: TrainConfig, documents: list[str], run_dir: str, log:
     return tok
 
 
+def build_run_data(cfg: TrainConfig, run_dir: str, log: Callable[[str], None], env=None):
+    """(train dataset, val dataset (may be empty), tokenizer, description) of a run. `--data DIR` holding a
+    `mlmfast prepare` manifest streams memory-mapped shards (checked against the run's tokenizer); anything else
+    is read and tokenized in memory. Under torchrun rank 0 trains/saves the tokenizer, the others load it."""
+    from .data import build_datasets
+    from .distributed import DistEnv
+    from .prepare import PreparedCorpus, is_prepared_dir
+    from .tokenizer import MLMTokenizer
+
+    env = env or DistEnv()
+    own = os.path.join(run_dir, "tokenizer")
+    t0 = time.time()
+    if len(cfg.data) == 1 and is_prepared_dir(cfg.data[0]):
+        corpus = PreparedCorpus(cfg.data[0])
+        if cfg.whole_word:
+            raise UserError("--whole-word needs word boundaries, which prepared shards do not keep; train on the "
+                            "text files instead, or drop --whole-word")
+        if os.path.isfile(os.path.join(own, "tokenizer.json")):
+            tok = MLMTokenizer.load(own)
+        elif cfg.tokenizer:
+            tok = MLMTokenizer.load(cfg.tokenizer)
+        elif cfg.model not in PRESETS and _is_model_dir(cfg.model):
+            tok = MLMTokenizer.load(cfg.model)
+        else:
+            tok = corpus.tokenizer()
+        corpus.check_tokenizer(tok)
+        if env.is_main and not os.path.isfile(os.path.join(own, "tokenizer.json")):
+            tok.save(own)
+        env.barrier()
+        train_ds = corpus.dataset("train", seq_len=cfg.seq_len, pack=cfg.pack)
+        val_ds = corpus.dataset("val", seq_len=cfg.seq_len, pack=cfg.pack)
+        source = f"prepared shards in {cfg.data[0]}"
+    else:
+        documents, source = load_documents(cfg.data)
+        bad = getattr(documents, "replaced_chars", 0)
+        source = f"{source}: {len(documents)} documents" + \
+            (f" ({bad} invalid UTF-8 sequence(s) replaced with U+FFFD)" if bad else "")
+        if env.is_main:
+            tok = prepare_tokenizer(cfg, documents, run_dir, log)
+        env.barrier()
+        if not env.is_main:
+            tok = MLMTokenizer.load(own)
+        train_ds, val_ds = build_datasets(documents, tok, seq_len=cfg.seq_len, pack=cfg.pack,
+                                          val_fraction=cfg.val_fraction, seed=cfg.seed, whole_word=cfg.whole_word)
+    log(f"data: {source} -> {len(train_ds):,} train rows, {len(val_ds):,} validation rows of {cfg.seq_len} tokens "
+        f"({time.time() - t0:.1f}s)")
+    return train_ds, val_ds, tok, source
+
+
 def build_model(cfg: TrainConfig, tokenizer):
     return _build_model(cfg, tokenizer).set_path(cfg.path)
 
@@ -503,91 +555,146 @@ def _print(msg: str) -> None:
     print(msg, flush=True)
 
 
-def train(cfg: TrainConfig, resume: bool = False, log: Callable[[str], None] = _print,
-          stop_after: Optional[int] = None) -> TrainResult:
-    """Train (or resume) a run described by `cfg`. `stop_after` ends this invocation after that optimizer
-    step, with a checkpoint, as if the process had been stopped there (used by the resume tests)."""
-    from .data import build_datasets, make_loader
+class NonFiniteError(UserError):
+    """Too many optimizer steps in a row had a non-finite loss or gradient."""
 
-    run_dir = cfg.out_dir
+
+def _resolve_resume(resume, run_dir: str, log: Callable[[str], None]) -> tuple[bool, Optional[str], str]:
+    """(resume at all, the checkpoint to load or None, run_dir) for resume = False | True | "latest" | "auto" |
+    a checkpoint directory. "auto" continues the run in run_dir from its newest valid checkpoint if there is a
+    run there, else starts one; True/"latest" require a run; a path names one checkpoint, which must verify."""
+    if resume in (False, None, ""):
+        return False, None, run_dir
+    if resume is True or resume == "latest" or resume == "auto":
+        if not os.path.isfile(os.path.join(run_dir, "train_config.json")):
+            if resume == "auto":
+                return False, None, run_dir
+            raise UserError(f"--resume: {run_dir} is not a run directory (no train_config.json); start a new run "
+                            "without --resume, or use --resume auto to start one when there is none")
+        return True, latest_valid_checkpoint(run_dir, log, set_aside_corrupt=True), run_dir
+    path = os.path.normpath(str(resume))
+    if not os.path.isdir(path) or not os.path.basename(path).startswith(CKPT_PREFIX):
+        raise UserError(f"--resume {resume}: not a checkpoint directory (RUN/checkpoints/{CKPT_PREFIX}NNNNNN); "
+                        "use --resume auto to take the newest valid checkpoint of --out")
+    verify_checkpoint(path)
+    return True, path, os.path.dirname(os.path.dirname(path))
+
+
+def train(cfg: TrainConfig, resume: bool | str = False, log: Callable[[str], None] = _print,
+          stop_after: Optional[int] = None) -> TrainResult:
+    """Train (or resume) a run described by `cfg`. resume: False, True / "latest" (the newest valid checkpoint of
+    cfg.out_dir), "auto" (that, or a new run when cfg.out_dir holds none) or a checkpoint directory.
+    `stop_after` ends this invocation after that optimizer step, with a checkpoint, as if the process had been
+    stopped there (used by the resume tests). Under torchrun (WORLD_SIZE > 1) this is one rank of a
+    data-parallel run: see mlmfast/distributed.py."""
+    from .distributed import setup_distributed, shutdown_distributed
+
+    started = not torch.distributed.is_available() or not torch.distributed.is_initialized()
+    env, dist_device = setup_distributed(cfg.device)
+    try:
+        return _train(cfg, resume, log if env.is_main else (lambda msg: None), stop_after, env, dist_device)
+    finally:
+        if started:
+            shutdown_distributed(env)
+
+
+def _train(cfg: TrainConfig, resume, log: Callable[[str], None], stop_after: Optional[int], env,
+           dist_device: Optional[torch.device]) -> TrainResult:
+    from .data import make_loader
+    from .distributed import (full_model_state, full_optimizer_state, is_fsdp, load_full_model_state,
+                              load_full_optimizer_state, unwrap, wrap_model)
+    from .model import BertForMLM
+
+    # Rank 0 inspects the run directory (a disk shared by all ranks) and tells the others what it chose.
+    resume, ckpt, run_dir = env.broadcast_object(_resolve_resume(resume, cfg.out_dir, log) if env.is_main else None)
     cfg_path = os.path.join(run_dir, "train_config.json")
-    ckpts = checkpoint_dirs(run_dir) if resume else []
     if resume:
-        if not os.path.isfile(cfg_path):
-            raise UserError(f"--resume: {run_dir} is not a run directory (no train_config.json); "
-                            "start a new run without --resume")
         with open(cfg_path) as f:
             saved = TrainConfig.from_json(json.load(f))
         # Everything that defines the run comes from the saved config; the step budget and logging may change.
         keep = {k: getattr(cfg, k) for k in ("max_steps", "progress", "eval_every", "log_every", "save_every",
-                                               "keep_checkpoints", "num_workers", "device")}
+                                               "keep_checkpoints", "num_workers", "device", "max_bad_steps")}
         cfg = dataclasses.replace(saved, **keep)
         cfg.out_dir = run_dir
     cfg.validate()
-    os.makedirs(run_dir, exist_ok=True)
-    if not resume and checkpoint_dirs(run_dir):
-        raise UserError(f"{run_dir} already holds a run; pass --resume to continue it or choose another --out")
-    with open(cfg_path + ".tmp", "w") as f:
-        json.dump(cfg.to_json(), f, indent=2)
-    os.replace(cfg_path + ".tmp", cfg_path)
+    if env.is_main:
+        os.makedirs(run_dir, exist_ok=True)
+        if not resume and checkpoint_dirs(run_dir):
+            raise UserError(f"{run_dir} already holds a run; pass --resume auto to continue it or choose another "
+                            "--out")
+        write_atomic_json(cfg_path, cfg.to_json())
+    env.barrier()
 
-    torch.manual_seed(cfg.seed)
-    device = resolve_device(cfg.device)
+    if cfg.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
+    device = dist_device if dist_device is not None else resolve_device(cfg.device)
     amp_dtype = resolve_precision(cfg.precision, device)
 
-    t0 = time.time()
-    documents, source = load_documents(cfg.data)
-    tokenizer = prepare_tokenizer(cfg, documents, run_dir, log)
-    train_ds, val_ds = build_datasets(documents, tokenizer, seq_len=cfg.seq_len, pack=cfg.pack,
-                                      val_fraction=cfg.val_fraction, seed=cfg.seed, whole_word=cfg.whole_word)
-    log(f"data: {source}: {len(documents)} documents -> {len(train_ds)} train rows, {len(val_ds)} validation "
-        f"rows of {cfg.seq_len} tokens ({time.time() - t0:.1f}s)")
-    per_step = cfg.batch_size * cfg.grad_accum
-    if len(train_ds) < cfg.batch_size:
-        raise UserError(f"only {len(train_ds)} training rows for --batch-size {cfg.batch_size}: "
-                        "use a smaller --batch-size or more data")
+    torch.manual_seed(cfg.seed)  # every rank builds the same model
+    train_ds, val_ds, tokenizer, source = build_run_data(cfg, run_dir, log, env)
+    B, W = cfg.batch_size, env.world_size
+    per_step = B * cfg.grad_accum * W
+    if len(train_ds) < B * W:
+        raise UserError(f"only {len(train_ds)} training rows for --batch-size {B}"
+                        f"{f' x {W} processes' if W > 1 else ''}: use a smaller --batch-size or more data")
 
-    model = build_model(cfg, tokenizer).to(device)
+    model = wrap_model(build_model(cfg, tokenizer).to(device), env, cfg.strategy, device)
+    core = unwrap(model)  # the BertForMLM (the same module under FSDP2)
     model.train()
     optimizer = make_optimizer(model, cfg, device)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
     scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
     spec = MaskingSpec.from_config(cfg, tokenizer)
+    torch.manual_seed(cfg.seed + 1_000_003 * env.rank)  # dropout: a different stream per rank
+    from .ops import mask_select_backend
 
-    step = 0
-    if resume and ckpts:
-        from .model import BertForMLM
+    # The counter-based kernel keys a row's mask by (step seed, row's index in the step's global batch), so the
+    # masks do not depend on how the global batch is cut into micro-batches and ranks. The reference fallback
+    # draws from a generator instead: there every micro-batch of every rank gets a seed of its own.
+    split_invariant = mask_select_backend(device) != "torch"
 
-        latest = ckpts[-1]
-        state = torch.load(os.path.join(latest, "trainer_state.pt"), map_location="cpu", weights_only=False)
+    step, skipped_total = 0, 0
+    if resume and ckpt:
+        state = torch.load(os.path.join(ckpt, STATE_FILE), map_location="cpu", weights_only=False)
         if state.get("train_rows") != len(train_ds) or state.get("tokenizer") != tokenizer.fingerprint():
-            raise UserError(f"the data or tokenizer changed since {latest} was written "
+            raise UserError(f"the data or tokenizer changed since {ckpt} was written "
                             f"({state.get('train_rows')} rows then, {len(train_ds)} now); resume needs the same data")
-        loaded = BertForMLM.from_pretrained(latest)
-        model.load_state_dict(loaded.state_dict())
-        optimizer.load_state_dict(state["optimizer"])
+        if state.get("world_size", 1) != W or state.get("strategy", cfg.strategy) != cfg.strategy:
+            raise UserError(f"{ckpt} was written by {state.get('world_size', 1)} process(es) with "
+                            f"{state.get('strategy', 'ddp')}; resume with the same torchrun --nproc_per_node and "
+                            "--strategy (the data order and masks depend on them)")
+        load_full_model_state(model, BertForMLM.from_pretrained(ckpt).state_dict())
+        load_full_optimizer_state(model, optimizer, state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         if scaler is not None and state.get("scaler"):
             scaler.load_state_dict(state["scaler"])
-        _set_rng_state(state["rng"], device)
+        rngs = state.get("rng_per_rank") or [state["rng"]]
+        _set_rng_state(rngs[env.rank], device)
         step = int(state["step"])
-        log(f"resumed from {latest} at step {step}")
+        skipped_total = int(state.get("skipped_steps", 0))
+        log(f"resumed from {ckpt} at step {step}")
     elif resume:
-        log(f"--resume: no checkpoint in {run_dir} yet; starting from step 0")
+        log(f"--resume: no valid checkpoint in {run_dir} yet; starting from step 0")
 
-    n_params = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
-    log(f"model: {cfg.model} ({n_params / 1e6:.1f}M parameters) on {device}"
-        f"{'' if amp_dtype is None else ' with ' + str(amp_dtype).replace('torch.', '') + ' autocast'}; "
+    n_params = sum(p.numel() for p in {id(p): p for p in core.parameters()}.values())
+    if is_fsdp(model):
+        n_params *= W  # the local shards
+    log(f"model: {cfg.model} (~{n_params / 1e6:.1f}M parameters) on {device}"
+        f"{'' if amp_dtype is None else ' with ' + str(amp_dtype).replace('torch.', '') + ' autocast'}"
+        f"{f', {W} processes ({cfg.strategy}, {env.backend})' if W > 1 else ''}; "
         f"{cfg.max_steps} steps of {per_step} x {cfg.seq_len} tokens")
 
-    metrics = MetricsLog(os.path.join(run_dir, "metrics.jsonl"), truncate_after_step=step if resume else None)
-    val_loader = make_loader(val_ds, cfg.batch_size, shuffle=False, drop_last=False) if len(val_ds) else None
+    metrics = MetricsLog(os.path.join(run_dir, "metrics.jsonl"), truncate_after_step=step if resume else None) \
+        if env.is_main else None
+    val_loader = make_loader(val_ds, B, shuffle=False, drop_last=False) if len(val_ds) else None
 
     def run_eval(at_step: int) -> Optional[dict[str, float]]:
         if val_loader is None:
             return None
-        r = evaluate(model, val_loader, spec, device, cfg.eval_batches, amp_dtype)
-        metrics.write({"split": "val", "step": at_step, **r})
+        r = evaluate(model, val_loader, spec, device, cfg.eval_batches, amp_dtype, env)
+        if metrics is not None:
+            metrics.write({"split": "val", "step": at_step, **r})
         return r
 
     first_val = None
@@ -595,28 +702,55 @@ def train(cfg: TrainConfig, resume: bool = False, log: Callable[[str], None] = _
         first_val = run_eval(0)
         if first_val:
             log(f"step 0: val loss {first_val['val_loss']:.3f}, accuracy {100 * first_val['val_acc']:.1f}%")
-    else:
+    elif metrics is not None:
         prev = [r for r in metrics.rows() if r.get("split") == "val"]
         first_val = prev[0] if prev else None
 
-    batches_per_epoch = len(train_ds) // cfg.batch_size
-    micro = step * cfg.grad_accum  # micro-batches consumed so far
+    batches_per_epoch = len(train_ds) // (B * W)  # global batches
+    micro = step * cfg.grad_accum  # micro-batches (global) consumed so far
     epoch, start_batch = divmod(micro, batches_per_epoch)
 
     def batches():
         nonlocal epoch, start_batch
         while True:
-            loader = make_loader(train_ds, cfg.batch_size, shuffle=True, seed=cfg.seed, epoch=epoch,
-                                 num_workers=cfg.num_workers, drop_last=True, start_batch=start_batch)
+            loader = make_loader(train_ds, B, shuffle=True, seed=cfg.seed, epoch=epoch, num_workers=cfg.num_workers,
+                                 drop_last=True, start_batch=start_batch, rank=env.rank, world_size=W)
             for b in loader:
                 yield b
             epoch, start_batch = epoch + 1, 0
 
+    def save(at_step: int) -> str:
+        model_state = full_model_state(model) if is_fsdp(model) else None  # collectives: every rank
+        optim_state = full_optimizer_state(model, optimizer)
+        rngs = env.gather_object(_rng_state(device))
+        path = ""
+        if env.is_main:
+            def write(tmp: str) -> None:
+                if model_state is None:
+                    core.save_pretrained(tmp, tokenizer=tokenizer)
+                else:
+                    with torch.device("meta"):
+                        plain = BertForMLM(core.config)
+                    plain.load_state_dict(model_state, assign=True)
+                    plain.save_pretrained(tmp, tokenizer=tokenizer)
+                torch.save({
+                    "step": at_step, "optimizer": optim_state, "scheduler": scheduler.state_dict(),
+                    "scaler": scaler.state_dict() if scaler is not None else None, "rng": rngs[0],
+                    "rng_per_rank": rngs, "train_rows": len(train_ds), "tokenizer": tokenizer.fingerprint(),
+                    "epoch": epoch, "micro_step": micro, "world_size": W, "strategy": cfg.strategy,
+                    "skipped_steps": skipped_total,
+                }, os.path.join(tmp, STATE_FILE))
+
+            path = save_checkpoint(run_dir, at_step, write, cfg.keep_checkpoints)
+        env.barrier()
+        return path
+
     from tqdm.auto import tqdm
 
     end_step = cfg.max_steps if stop_after is None else min(cfg.max_steps, stop_after)
-    bar = tqdm(total=cfg.max_steps, initial=step, disable=not cfg.progress, unit="step", dynamic_ncols=True,
-               desc="train")
+    bar = tqdm(total=cfg.max_steps, initial=step, disable=not (cfg.progress and env.is_main), unit="step",
+               dynamic_ncols=True, desc="train")
+    say = bar.write if cfg.progress and env.is_main else log  # a line that does not break the progress bar
     it = batches()
     last_val = None
     losses: list[float] = []
@@ -624,69 +758,160 @@ def train(cfg: TrainConfig, resume: bool = False, log: Callable[[str], None] = _
     tokens_seen = 0
     win_tokens, win_t = 0, time.time()
     pending: list[torch.Tensor] = []
-    while step < end_step:
-        loss_acc = torch.zeros((), device=device)
-        for _ in range(cfg.grad_accum):
-            raw = next(it)
-            n_tok = int(raw["lengths"].sum())  # counted on the host copy: no device sync
-            batch = to_device(raw, device)
-            masked = spec.apply(batch, seed=mask_seed(cfg.seed, micro))
-            micro += 1
-            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                out = train_forward(model, cfg.path, masked, batch["attention_mask"])
-            loss = out.loss / cfg.grad_accum
-            (scaler.scale(loss) if scaler is not None else loss).backward()
-            loss_acc += loss.detach()
-            tokens_seen += n_tok
-            win_tokens += n_tok
-        if scaler is not None:
-            scaler.unscale_(optimizer)
-        gnorm = (torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad_norm)
-                 if cfg.clip_grad_norm > 0 else None)
-        if scaler is not None:
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        scheduler.step()
-        step += 1
-        pending.append(loss_acc)  # stays on the device until the next log line: no per-step sync
-        bar.update(1)
-        if step % cfg.log_every == 0 or step == end_step:
-            window = torch.stack(pending).tolist()
-            losses.extend(window)
-            pending.clear()
-            dt = max(time.time() - win_t, 1e-9)
-            row = {"split": "train", "step": step, "loss": sum(window) / len(window), "lr": scheduler.get_last_lr()[0],
-                   "tokens_per_s": win_tokens / dt, "elapsed_s": time.time() - t_start}
-            if gnorm is not None:
-                row["grad_norm"] = float(gnorm)
-            metrics.write(row)
-            bar.set_postfix(loss=f"{row['loss']:.3f}", tok_s=f"{row['tokens_per_s']:,.0f}")
-            win_tokens, win_t = 0, time.time()
-        if step % cfg.eval_every == 0 or step == cfg.max_steps:
-            last_val = run_eval(step)
-            if last_val:
-                (bar.write if cfg.progress else log)(f"step {step}: val loss {last_val['val_loss']:.3f}, "
-                          f"ppl {last_val['val_ppl']:.1f}, accuracy {100 * last_val['val_acc']:.1f}%")
-        if step % cfg.save_every == 0 or step == end_step:
-            save_checkpoint(run_dir, step, model, tokenizer, optimizer, scheduler, scaler, device,
-                            {"train_rows": len(train_ds), "tokenizer": tokenizer.fingerprint(),
-                             "epoch": epoch, "micro_step": micro},
-                            cfg.keep_checkpoints)
-    bar.close()
+    fused = bool(optimizer.defaults.get("fused"))
+    bad_run = torch.zeros((), dtype=torch.int64, device=device)  # non-finite steps in a row (device: no sync)
+    worst_run = torch.zeros((), dtype=torch.int64, device=device)  # longest such run since the last check
+    bad_count = torch.zeros((), dtype=torch.int64, device=device)  # skipped steps since the last check
+    check_every = 1 if device.type == "cpu" else cfg.log_every  # on CUDA: only where the log syncs anyway
+    last_ckpt = ckpt
+
+    def check_bad_steps() -> None:
+        nonlocal skipped_total
+        n_bad, worst = (int(x) for x in torch.stack([bad_count, worst_run]).tolist())
+        bad_count.zero_()
+        worst_run.copy_(bad_run)
+        if n_bad:
+            skipped_total += n_bad
+            say(f"step {step}: skipped {n_bad} step(s) with a non-finite loss or gradient "
+                f"({skipped_total} in this run)")
+        if worst >= cfg.max_bad_steps:
+            raise NonFiniteError(
+                f"{worst} optimizer steps in a row (up to step {step}) had a non-finite loss or gradient and were "
+                f"skipped, so the run stopped (--max-bad-steps {cfg.max_bad_steps}). The weights were not updated "
+                f"by them; the last good checkpoint is {last_ckpt or '(none yet)'}. Lower --lr, raise "
+                "--warmup-steps, use --precision bf16 or fp32, or check the data; then resume with --resume auto")
+
+    try:
+        while step < end_step:
+            # 1. Fetch and mask every micro-batch of the step (cheap), so the loss can be normalised by the
+            #    number of masked tokens of the whole global batch before any backward.
+            micro_batches = []
+            for i in range(cfg.grad_accum):
+                raw = next(it)
+                n_tok = int(raw["lengths"].sum())  # counted on the host copy: no device sync
+                batch = to_device(raw, device)
+                part = i * W + env.rank  # this micro-batch's place in the step's global batch (rows part*B...)
+                if split_invariant:
+                    masked = spec.apply(batch, seed=mask_seed(cfg.seed, step), row_offset=part * B)
+                else:
+                    masked = spec.apply(batch, seed=mask_seed(cfg.seed, step * cfg.grad_accum * W + part))
+                micro += 1
+                micro_batches.append((batch, masked))
+                win_tokens += n_tok
+            counts = torch.stack([m.num_selected.sum() for _, m in micro_batches])  # (accum,) on the device
+            total = env.all_reduce_sum_(counts.sum())
+            share = counts.to(torch.float32) * (W / total.clamp(min=1).to(torch.float32))  # (accum,)
+            # 2. Forward/backward; gradients are synchronised on the last micro-batch only.
+            loss_acc = torch.zeros((), device=device)
+            for i, (batch, masked) in enumerate(micro_batches):
+                last_micro = i == cfg.grad_accum - 1
+                with _grad_sync(model, last_micro):
+                    with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                        out = train_forward(model, cfg.path, masked, batch["attention_mask"])
+                    loss = out.loss.float() * share[i]  # this micro-batch's part of the global mean
+                    (scaler.scale(loss) if scaler is not None else loss).backward()
+                loss_acc += loss.detach()
+            # 3. Clip, guard, step.
+            if scaler is not None:
+                scaler.unscale_(optimizer)
+            gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(),
+                                                   cfg.clip_grad_norm if cfg.clip_grad_norm > 0 else float("inf"))
+            if hasattr(gnorm, "full_tensor"):  # FSDP2: a replicated DTensor
+                gnorm = gnorm.full_tensor()
+            bad = (~torch.isfinite(loss_acc) | ~torch.isfinite(gnorm)).to(torch.float32)
+            bad = env.all_reduce_max_(bad)  # every rank skips the same steps
+            if scaler is not None:
+                scaler.step(optimizer)  # skips non-finite gradients itself (and lowers the scale)
+                scaler.update()
+            elif fused:
+                optimizer.found_inf = bad  # the fused kernel leaves weights and moments untouched when 1
+                optimizer.step()
+                del optimizer.found_inf
+            elif not bool(bad):  # host sync; only optimizers without the fused kernel get here
+                optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            scheduler.step()
+            step += 1
+            bad_i = bad.to(torch.int64)
+            bad_run.mul_(bad_i).add_(bad_i)
+            torch.maximum(worst_run, bad_run, out=worst_run)
+            bad_count.add_(bad_i)
+            pending.append(loss_acc)  # stays on the device until the next log line: no per-step sync
+            bar.update(1)
+            if step % check_every == 0 or step % cfg.log_every == 0 or step == end_step or \
+                    step % cfg.save_every == 0:
+                check_bad_steps()
+            if step % cfg.log_every == 0 or step == end_step:
+                window = env.all_reduce_sum_(torch.stack(pending)) / W
+                window = window.tolist()
+                losses.extend(window)
+                pending.clear()
+                dt = max(time.time() - win_t, 1e-9)
+                win_tokens = int(env.all_reduce_sum_(torch.tensor(win_tokens, device=device)))  # all ranks
+                tokens_seen += win_tokens
+                good = [x for x in window if math.isfinite(x)]
+                row = {"split": "train", "step": step, "loss": sum(good) / len(good) if good else float("nan"),
+                       "lr": scheduler.get_last_lr()[0], "tokens_per_s": win_tokens / dt,
+                       "elapsed_s": time.time() - t_start, "grad_norm": float(gnorm), "skipped_steps": skipped_total}
+                if metrics is not None:
+                    metrics.write(row)
+                bar.set_postfix(loss=f"{row['loss']:.3f}", tok_s=f"{row['tokens_per_s']:,.0f}")
+                win_tokens, win_t = 0, time.time()
+            if step % cfg.eval_every == 0 or step == cfg.max_steps:
+                last_val = run_eval(step)
+                if last_val:
+                    say(f"step {step}: val loss {last_val['val_loss']:.3f}, "
+                              f"ppl {last_val['val_ppl']:.1f}, accuracy {100 * last_val['val_acc']:.1f}%")
+            if step % cfg.save_every == 0 or step == end_step:
+                last_ckpt = save(step)
+    except torch.OutOfMemoryError as exc:
+        raise UserError(
+            f"out of {device.type.upper()} memory at --batch-size {B}, --seq-len {cfg.seq_len} on {device} "
+            f"({str(exc).splitlines()[0][:160]}). Use a smaller --batch-size with a larger --grad-accum (same "
+            f"global batch: e.g. --batch-size {max(1, B // 2)} --grad-accum {cfg.grad_accum * 2}), a shorter "
+            f"--seq-len, or --strategy fsdp under torchrun; then --resume auto continues from "
+            f"{last_ckpt or 'the start'}") from None
+    finally:
+        bar.close()
     seconds = time.time() - t_start
 
     model_dir = os.path.join(run_dir, "model")
     if step >= cfg.max_steps:
-        tmp = model_dir + ".tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        model.save_pretrained(tmp, tokenizer=tokenizer)
-        shutil.rmtree(model_dir, ignore_errors=True)
-        os.replace(tmp, model_dir)
-    plot = plot_metrics(metrics.rows(), os.path.join(run_dir, "loss.png"),
-                        title=f"{cfg.model}, L={cfg.seq_len}, batch {per_step}")
+        model_state = full_model_state(model) if is_fsdp(model) else None
+        if env.is_main:
+            tmp = f"{model_dir}.tmp-{os.getpid()}"
+            shutil.rmtree(tmp, ignore_errors=True)
+            if model_state is None:
+                core.save_pretrained(tmp, tokenizer=tokenizer)
+            else:
+                with torch.device("meta"):
+                    plain = BertForMLM(core.config)
+                plain.load_state_dict(model_state, assign=True)
+                plain.save_pretrained(tmp, tokenizer=tokenizer)
+            old = f"{model_dir}.old-{os.getpid()}"
+            if os.path.exists(model_dir):
+                os.replace(model_dir, old)
+            os.replace(tmp, model_dir)
+            shutil.rmtree(old, ignore_errors=True)
+        env.barrier()
+    plot = None
+    if metrics is not None:
+        plot = plot_metrics(metrics.rows(), os.path.join(run_dir, "loss.png"),
+                            title=f"{cfg.model}, L={cfg.seq_len}, batch {per_step}")
     return TrainResult(run_dir=run_dir, model_dir=model_dir, plot=plot, steps=step, first_val=first_val,
                        last_val=last_val, seconds=seconds, tokens_per_s=tokens_seen / max(seconds, 1e-9),
                        train_losses=losses)
+
+
+def _grad_sync(model, sync: bool):
+    """Context for one micro-batch's backward: gradient all-reduce only when `sync` (the step's last micro-batch).
+    DDP: no_sync(); FSDP2: set_requires_gradient_sync; a plain module: nothing to do."""
+    import contextlib
+
+    from torch.nn.parallel import DistributedDataParallel
+
+    if isinstance(model, DistributedDataParallel) and not sync:
+        return model.no_sync()
+    if hasattr(model, "set_requires_gradient_sync"):
+        model.set_requires_gradient_sync(sync)
+    return contextlib.nullcontext()

@@ -25,7 +25,7 @@ def run_cli(capsys, *argv):
     return code, cap.out, cap.err
 
 
-@pytest.mark.parametrize("argv", [[], ["train"], ["eval"], ["fill"], ["tokenizer"], ["tokenizer", "train"],
+@pytest.mark.parametrize("argv", [[], ["train"], ["prepare"], ["eval"], ["fill"], ["tokenizer"], ["tokenizer", "train"],
                                   ["tokenizer", "encode"], ["info"]])
 def test_help_on_every_command(argv, capsys):
     with pytest.raises(SystemExit) as e:
@@ -161,3 +161,29 @@ def test_console_script_entry_point(tmp_path):
                        capture_output=True, text=True)
     assert r.returncode == 2 and r.stderr.startswith("error: ") and "Traceback" not in r.stderr
     assert os.path.basename(sys.executable)  # the module entry point and `mlmfast` share cli.main
+
+
+def test_prepare_then_train_on_the_shards_then_resume_auto(trained_run, corpus_file, tmp_path, capsys):
+    prepared = tmp_path / "prepared"
+    code, out, err = run_cli(capsys, "prepare", "--data", str(corpus_file), "--tokenizer",
+                             str(trained_run / "tokenizer"), "--out", str(prepared), "--workers", "2",
+                             "--no-progress")
+    assert code == 0, err
+    assert "tokens" in out and (prepared / "manifest.json").is_file()
+    code, out, err = run_cli(capsys, "prepare", "--verify", "--out", str(prepared))
+    assert code == 0, err
+    run = tmp_path / "run"
+    args = ["train", "--data", str(prepared), "--out", str(run), "--max-steps", "4", "--save-every", "2",
+            "--resume", "auto", *TINY]
+    code, out, err = run_cli(capsys, *args)
+    assert code == 0, err
+    assert "prepared shards" in out and "done: 4 steps" in out
+    # the same command with a larger --max-steps continues the finished run from its newest checkpoint
+    code, out, err = run_cli(capsys, *[a if a != "4" else "6" for a in args])
+    assert code == 0, err
+    assert "resumed from" in out and "step-000004" in out and "done: 6 steps" in out
+
+
+def test_resume_without_a_run_is_one_error(tmp_path, capsys):
+    code, out, err = run_cli(capsys, "train", "--resume", "--out", str(tmp_path / "none"), *TINY)
+    assert code == 2 and err.count("\n") == 1 and "not a run directory" in err and "--resume auto" in err

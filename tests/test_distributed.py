@@ -1,0 +1,136 @@
+"""Data parallelism on CPU: `torchrun --nproc_per_node 2` with gloo (DDP and FSDP2) trains like one process with
+the same global batch, and so does gradient accumulation: same data, same masks, same loss normalisation.
+
+The command the tests run (README, "Several GPUs"):
+    torchrun --standalone --nproc_per_node 2 -m mlmfast train --device cpu --batch-size 4 ...
+"""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from mlmfast.data import MLMDataset, make_loader
+
+TIMEOUT = 300
+
+
+@pytest.fixture(scope="module")
+def shared(tmp_path_factory, corpus_file):
+    """One tokenizer for every run (WordPiece training is not deterministic in ties across processes)."""
+    from mlmfast.data import read_corpus
+    from mlmfast.tokenizer import train_tokenizer
+
+    root = tmp_path_factory.mktemp("ddp")
+    train_tokenizer(read_corpus(str(corpus_file)), vocab_size=400).save(str(root / "tok"))
+    return root
+
+
+def _args(shared, corpus_file, out, *extra):
+    return ["train", "--data", str(corpus_file), "--tokenizer", str(shared / "tok"), "--model", "bert-tiny",
+            "--seq-len", "32", "--max-steps", "6", "--eval-every", "3", "--eval-batches", "2", "--log-every", "1",
+            "--save-every", "3", "--lr", "2e-3", "--dropout", "0", "--device", "cpu", "--no-progress",
+            "--out", str(out), *extra]
+
+
+def _run(cmd):
+    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=TIMEOUT, env=env)
+    assert p.returncode == 0, f"{' '.join(cmd)}\n--- stdout\n{p.stdout[-3000:]}\n--- stderr\n{p.stderr[-3000:]}"
+    return p
+
+
+def _torchrun(nproc, args):
+    return _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
+                 "-m", "mlmfast", *args])
+
+
+def _metrics(run):
+    rows = [json.loads(line) for line in open(run / "metrics.jsonl")]
+    return ([r["loss"] for r in rows if r["split"] == "train"], [r["val_loss"] for r in rows if r["split"] == "val"])
+
+
+def _weights(run):
+    from safetensors.torch import load_file
+
+    return load_file(str(run / "model" / "model.safetensors"))
+
+
+@pytest.fixture(scope="module")
+def single(shared, corpus_file):
+    """The reference: one process, global batch 8."""
+    out = shared / "single"
+    _run([sys.executable, "-m", "mlmfast", *_args(shared, corpus_file, out, "--batch-size", "8")])
+    return out
+
+
+@pytest.fixture(scope="module")
+def accum(shared, corpus_file):
+    """One process, 2 micro-batches of 4 (validation batches of 4 rows, as the 2-process runs)."""
+    out = shared / "accum"
+    _run([sys.executable, "-m", "mlmfast", *_args(shared, corpus_file, out, "--batch-size", "4", "--grad-accum", "2")])
+    return out
+
+
+def _assert_same_training(run, ref, val_ref=None):
+    losses, val = _metrics(run)
+    ref_losses, ref_val = _metrics(ref)
+    assert len(losses) == len(ref_losses) == 6
+    torch.testing.assert_close(torch.tensor(losses), torch.tensor(ref_losses), rtol=1e-5, atol=0)
+    if val_ref is not None:
+        torch.testing.assert_close(torch.tensor(val), torch.tensor(_metrics(val_ref)[1]), rtol=1e-5, atol=0)
+    w, w_ref = _weights(run), _weights(ref)
+    assert w.keys() == w_ref.keys()
+    for k in w_ref:
+        torch.testing.assert_close(w[k], w_ref[k], rtol=0, atol=2e-5, msg=k)
+    assert not torch.equal(w_ref["bert.embeddings.word_embeddings.weight"],
+                           _weights_at_step3(ref)["bert.embeddings.word_embeddings.weight"])
+
+
+def _weights_at_step3(run):
+    """The weights of the step-3 checkpoint: training moved them by step 6, so the comparison is not vacuous."""
+    from safetensors.torch import load_file
+
+    return load_file(str(run / "checkpoints" / "step-000003" / "model.safetensors"))
+
+
+def test_grad_accumulation_equals_one_big_batch(single, accum):
+    _assert_same_training(accum, single)
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_torchrun_two_processes_equal_one_process(shared, corpus_file, single, accum, strategy):
+    out = shared / strategy
+    p = _torchrun(2, _args(shared, corpus_file, out, "--batch-size", "4", "--strategy", strategy))
+    assert f"2 processes ({strategy}, gloo)" in p.stdout
+    assert p.stdout.count("done: 6 steps") == 1  # only rank 0 reports
+    _assert_same_training(out, single, val_ref=accum)
+    # rank 0 alone wrote the run directory; resuming it needs the same process count
+    state = torch.load(out / "checkpoints" / "step-000006" / "trainer_state.pt", weights_only=False)
+    assert state["world_size"] == 2 and state["strategy"] == strategy and len(state["rng_per_rank"]) == 2
+
+
+def test_resume_with_another_process_count_is_refused(shared, corpus_file):
+    from mlmfast.errors import UserError
+    from mlmfast.trainer import TrainConfig, train
+
+    out = shared / "ddp"
+    if not (out / "train_config.json").exists():
+        _torchrun(2, _args(shared, corpus_file, out, "--batch-size", "4"))
+    cfg = TrainConfig(out_dir=str(out), max_steps=8, progress=False)
+    with pytest.raises(UserError, match="same torchrun --nproc_per_node"):
+        train(cfg, resume="auto", log=lambda m: None)
+
+
+@pytest.mark.parametrize("world,batch", [(2, 4), (3, 2)])
+def test_rank_loaders_read_disjoint_parts_of_the_global_batches(world, batch):
+    n, L = 50, 4
+    ds = MLMDataset(torch.arange(n * L).reshape(n, L), torch.full((n,), L))
+    single = [b["input_ids"] for b in make_loader(ds, batch * world, seed=7, epoch=1, start_batch=2)]
+    ranks = [[b["input_ids"] for b in make_loader(ds, batch, seed=7, epoch=1, start_batch=2, rank=r,
+                                                   world_size=world)] for r in range(world)]
+    assert all(len(r) == len(single) == n // (batch * world) - 2 for r in ranks)
+    for k, big in enumerate(single):
+        torch.testing.assert_close(torch.cat([ranks[r][k] for r in range(world)]), big, rtol=0, atol=0)
