@@ -758,7 +758,6 @@ def _train(cfg: TrainConfig, resume, log: Callable[[str], None], stop_after: Opt
     tokens_seen = 0
     win_tokens, win_t = 0, time.time()
     pending: list[torch.Tensor] = []
-    fused = bool(optimizer.defaults.get("fused"))
     bad_run = torch.zeros((), dtype=torch.int64, device=device)  # non-finite steps in a row (device: no sync)
     worst_run = torch.zeros((), dtype=torch.int64, device=device)  # longest such run since the last check
     bad_count = torch.zeros((), dtype=torch.int64, device=device)  # skipped steps since the last check
@@ -798,38 +797,9 @@ def _train(cfg: TrainConfig, resume, log: Callable[[str], None], stop_after: Opt
                 micro += 1
                 micro_batches.append((batch, masked))
                 win_tokens += n_tok
-            counts = torch.stack([m.num_selected.sum() for _, m in micro_batches])  # (accum,) on the device
-            total = env.all_reduce_sum_(counts.sum())
-            share = counts.to(torch.float32) * (W / total.clamp(min=1).to(torch.float32))  # (accum,)
-            # 2. Forward/backward; gradients are synchronised on the last micro-batch only.
-            loss_acc = torch.zeros((), device=device)
-            for i, (batch, masked) in enumerate(micro_batches):
-                last_micro = i == cfg.grad_accum - 1
-                with _grad_sync(model, last_micro):
-                    with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                        out = train_forward(model, cfg.path, masked, batch["attention_mask"])
-                    loss = out.loss.float() * share[i]  # this micro-batch's part of the global mean
-                    (scaler.scale(loss) if scaler is not None else loss).backward()
-                loss_acc += loss.detach()
-            # 3. Clip, guard, step.
-            if scaler is not None:
-                scaler.unscale_(optimizer)
-            gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(),
-                                                   cfg.clip_grad_norm if cfg.clip_grad_norm > 0 else float("inf"))
-            if hasattr(gnorm, "full_tensor"):  # FSDP2: a replicated DTensor
-                gnorm = gnorm.full_tensor()
-            bad = (~torch.isfinite(loss_acc) | ~torch.isfinite(gnorm)).to(torch.float32)
-            bad = env.all_reduce_max_(bad)  # every rank skips the same steps
-            if scaler is not None:
-                scaler.step(optimizer)  # skips non-finite gradients itself (and lowers the scale)
-                scaler.update()
-            elif fused:
-                optimizer.found_inf = bad  # the fused kernel leaves weights and moments untouched when 1
-                optimizer.step()
-                del optimizer.found_inf
-            elif not bool(bad):  # host sync; only optimizers without the fused kernel get here
-                optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            # 2. One optimizer step (forward/backward of every micro-batch, clip, guard, step): no host sync.
+            loss_acc, gnorm, bad = train_step(model, optimizer, scaler, micro_batches, cfg.path,
+                                              cfg.clip_grad_norm, amp_dtype, env)
             scheduler.step()
             step += 1
             bad_i = bad.to(torch.int64)
@@ -901,6 +871,55 @@ def _train(cfg: TrainConfig, resume, log: Callable[[str], None], stop_after: Opt
     return TrainResult(run_dir=run_dir, model_dir=model_dir, plot=plot, steps=step, first_val=first_val,
                        last_val=last_val, seconds=seconds, tokens_per_s=tokens_seen / max(seconds, 1e-9),
                        train_losses=losses)
+
+
+def train_step(model, optimizer, scaler, micro_batches, path: str, clip_grad_norm: float,
+               amp_dtype: Optional[torch.dtype], env=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One optimizer step over the masked micro-batches [(batch, MaskingOutput), ...] of this rank's part of a
+    global batch -> (loss, grad norm, bad) as device scalars: loss = this rank's share of the global mean
+    (all-reduce and divide by the world size for the global loss), bad = 1.0 when the step was skipped because
+    the loss or the gradient norm was not finite (on any rank).
+
+    The loss is normalised by the masked-token count of the whole global batch (all micro-batches, all ranks;
+    all-reduced on the device before the first backward). Gradients are synchronised on the last micro-batch
+    only. With the fused AdamW (and with a GradScaler) there is no device->host sync: the skip is the fused
+    kernel's found_inf flag. Gradients are zeroed at the end; the scheduler is the caller's."""
+    from .distributed import DistEnv
+
+    env = env or DistEnv()
+    W = env.world_size
+    device = micro_batches[0][1].input_ids.device
+    counts = torch.stack([m.num_selected.sum() for _, m in micro_batches])  # (accum,) masked tokens
+    total = env.all_reduce_sum_(counts.sum())
+    share = counts.to(torch.float32) * (W / total.clamp(min=1).to(torch.float32))  # (accum,)
+    loss_acc = torch.zeros((), device=device)
+    for i, (batch, masked) in enumerate(micro_batches):
+        with _grad_sync(model, i == len(micro_batches) - 1):
+            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                out = train_forward(model, path, masked, batch["attention_mask"])
+            loss = out.loss.float() * share[i]  # this micro-batch's part of the global mean
+            (scaler.scale(loss) if scaler is not None else loss).backward()
+        loss_acc += loss.detach()
+    if scaler is not None:
+        scaler.unscale_(optimizer)
+    gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip_grad_norm if clip_grad_norm > 0 else float("inf"))
+    if hasattr(gnorm, "full_tensor"):  # FSDP2: a replicated DTensor
+        gnorm = gnorm.full_tensor()
+    bad = (~torch.isfinite(loss_acc) | ~torch.isfinite(gnorm)).to(torch.float32)
+    bad = env.all_reduce_max_(bad)  # every rank skips the same steps
+    if scaler is not None:
+        scaler.step(optimizer)  # skips non-finite gradients itself (and lowers the scale)
+        scaler.update()
+    elif optimizer.defaults.get("fused"):
+        optimizer.found_inf = bad  # the fused kernel leaves weights, moments and step count untouched when 1
+        try:
+            optimizer.step()
+        finally:
+            del optimizer.found_inf
+    elif not bool(bad):  # a host sync; only optimizers without the fused kernel get here
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss_acc, gnorm, bad
 
 
 def _grad_sync(model, sync: bool):

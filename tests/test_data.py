@@ -154,13 +154,27 @@ def test_read_wikitext_articles(tmp_path):
     assert read_corpus(f) == ["Lobster\nLobsters are blue .\nDescription\nBig claws .", "Robert\nAn actor ."]
 
 
-def test_read_real_wikitext_if_present():
+def _wikitext_like(path: Path, articles: int) -> Path:
+    """A file in WikiText-2's raw layout (' = Title = ' articles, ' = = Section = = ' headings, ' @-@ ' tokens)."""
+    lines = [" "]
+    for a in range(articles):
+        title = "Homarus gammarus" if a == 0 else f"Article {a}"
+        lines += [f" = {title} = ", " ", f" {title} is a topic @-@ number {a} . ", " ",
+                  " = = Description = = ", " ", " It has sections , and = signs inside text = fine . ", " "]
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+def test_read_wikitext_validation_split(tmp_path):
+    """The shared WikiText-2 validation split (60 articles) where this machine has it; otherwise a file in its
+    exact layout with 60 articles: the same reader path either way."""
     path = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext-2" / "valid.txt"
     if not path.is_file():
-        pytest.skip(f"{path} is not on this machine")
+        path = _wikitext_like(tmp_path / "valid.txt", 60)
     docs = read_corpus(path)
     assert len(docs) == 60  # the articles of the WikiText-2 validation split
     assert docs[0].startswith("Homarus gammarus\n") and not any(d.startswith("=") for d in docs)
+    assert all("\n = = " not in d for d in docs)  # section headings became plain lines
 
 
 # ---------------------------------------------------------------------------------------------- build_datasets

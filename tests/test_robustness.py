@@ -214,3 +214,38 @@ def test_cuda_run_with_the_guard_learns_and_resumes_exactly(corpus_file, tok_dir
     r = train(c(tmp_path / "run"), resume="auto", log=lambda m: None)
     assert r.train_losses == ref.train_losses[10:]
     assert _same(_weights(tmp_path / "ref" / "model"), _weights(tmp_path / "run" / "model"))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("accum", [1, 2])
+def test_training_step_has_no_host_sync(cuda_device, accum):
+    """Masking + trainer.train_step (fast path, bf16 autocast, clipping, the non-finite guard, fused AdamW) with
+    torch.cuda.set_sync_debug_mode("error"): any device->host sync raises."""
+    from mlmfast.config import ModelConfig
+    from mlmfast.model import BertForMLM
+    from mlmfast.trainer import MaskingSpec, make_optimizer, train_step
+
+    torch.manual_seed(0)
+    V, B, L = 1000, 8, 128
+    model = BertForMLM(ModelConfig.from_preset("bert-mini", vocab_size=V)).to(cuda_device).set_path("fast")
+    opt = make_optimizer(model, TrainConfig(), cuda_device)
+    spec = MaskingSpec(mask_token_id=4, vocab_size=V, special_token_ids=[0, 1, 2, 3, 4])
+    keep = torch.ones(B, L, dtype=torch.long, device=cuda_device)
+    keep[1, 50:] = 0
+    keep[2, 1:] = 0
+    batch = {"input_ids": torch.randint(5, V, (B, L), device=cuda_device) * keep, "attention_mask": keep}
+
+    def step(seed):
+        mbs = [(batch, spec.apply(batch, seed=seed, row_offset=i * B)) for i in range(accum)]
+        return train_step(model, opt, None, mbs, "fast", 1.0, torch.bfloat16)
+
+    step(0)  # warm-up: kernel compilation and allocator growth may sync
+    torch.cuda.synchronize()
+    before = model.bert["embeddings"].word_embeddings.weight.detach().clone()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        loss, gnorm, bad = step(1)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert float(bad) == 0.0 and torch.isfinite(loss) and float(gnorm) > 0
+    assert not torch.equal(before, model.bert["embeddings"].word_embeddings.weight)
