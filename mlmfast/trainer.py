@@ -26,6 +26,7 @@ untouched) and counted; `max_bad_steps` of them in a row stop the run with the l
 from __future__ import annotations
 
 import dataclasses
+import glob
 import json
 import math
 import os
@@ -685,7 +686,8 @@ def _train(cfg: TrainConfig, resume, log: Callable[[str], None], stop_after: Opt
         f"{f', {W} processes ({cfg.strategy}, {env.backend})' if W > 1 else ''}; "
         f"{cfg.max_steps} steps of {per_step} x {cfg.seq_len} tokens")
 
-    metrics = MetricsLog(os.path.join(run_dir, "metrics.jsonl"), truncate_after_step=step if resume else None) \
+    # A resume keeps the log up to its checkpoint's step; a run (re)started at step 0 begins a new log.
+    metrics = MetricsLog(os.path.join(run_dir, "metrics.jsonl"), truncate_after_step=step if step > 0 else None) \
         if env.is_main else None
     val_loader = make_loader(val_ds, B, shuffle=False, drop_last=False) if len(val_ds) else None
 
@@ -849,8 +851,9 @@ def _train(cfg: TrainConfig, resume, log: Callable[[str], None], stop_after: Opt
     if step >= cfg.max_steps:
         model_state = full_model_state(model) if is_fsdp(model) else None
         if env.is_main:
+            for stale in glob.glob(glob.escape(model_dir) + ".tmp-*") + glob.glob(glob.escape(model_dir) + ".old-*"):
+                shutil.rmtree(stale, ignore_errors=True)  # left by a process killed while writing the model
             tmp = f"{model_dir}.tmp-{os.getpid()}"
-            shutil.rmtree(tmp, ignore_errors=True)
             if model_state is None:
                 core.save_pretrained(tmp, tokenizer=tokenizer)
             else:
@@ -878,7 +881,8 @@ def train_step(model, optimizer, scaler, micro_batches, path: str, clip_grad_nor
     """One optimizer step over the masked micro-batches [(batch, MaskingOutput), ...] of this rank's part of a
     global batch -> (loss, grad norm, bad) as device scalars: loss = this rank's share of the global mean
     (all-reduce and divide by the world size for the global loss), bad = 1.0 when the step was skipped because
-    the loss or the gradient norm was not finite (on any rank).
+    the loss or the gradient norm was not finite (on any rank). With fp16 loss scaling only a non-finite loss
+    counts as bad: gradient overflows are the GradScaler's business (it skips them and lowers the scale).
 
     The loss is normalised by the masked-token count of the whole global batch (all micro-batches, all ranks;
     all-reduced on the device before the first backward). Gradients are synchronised on the last micro-batch
@@ -905,8 +909,10 @@ def train_step(model, optimizer, scaler, micro_batches, path: str, clip_grad_nor
     gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip_grad_norm if clip_grad_norm > 0 else float("inf"))
     if hasattr(gnorm, "full_tensor"):  # FSDP2: a replicated DTensor
         gnorm = gnorm.full_tensor()
-    bad = (~torch.isfinite(loss_acc) | ~torch.isfinite(gnorm)).to(torch.float32)
-    bad = env.all_reduce_max_(bad)  # every rank skips the same steps
+    bad = ~torch.isfinite(loss_acc)
+    if scaler is None:  # fp16 loss scaling overflows now and then by design: the scaler skips those itself
+        bad |= ~torch.isfinite(gnorm)
+    bad = env.all_reduce_max_(bad.to(torch.float32))  # every rank skips the same steps
     if scaler is not None:
         scaler.step(optimizer)  # skips non-finite gradients itself (and lowers the scale)
         scaler.update()

@@ -202,3 +202,25 @@ def test_resume_named_checkpoint_must_verify(corpus_file, tok_dir, tmp_path):
         train(c, resume=str(ckpt), log=lambda m: None)
     with pytest.raises(UserError, match="not a checkpoint directory"):
         train(c, resume=str(out), log=lambda m: None)
+
+
+def test_killed_before_the_first_checkpoint_restarts_cleanly(corpus_file, tok_dir, tmp_path):
+    """Config and metrics written, no checkpoint yet (a kill in the first interval), a stale model temp dir:
+    --resume auto starts again at step 0 with a fresh log (no duplicate rows) and removes the leftovers."""
+    import shutil
+
+    from mlmfast.trainer import TrainConfig, train
+
+    c = TrainConfig(data=[str(corpus_file)], tokenizer=str(tok_dir), out_dir=str(tmp_path / "run"),
+                    model="bert-tiny", seq_len=32, batch_size=8, max_steps=4, save_every=4, eval_every=2,
+                    eval_batches=1, log_every=1, progress=False)
+    train(c, stop_after=3, log=lambda m: None)
+    shutil.rmtree(tmp_path / "run" / "checkpoints")
+    (tmp_path / "run" / "model.tmp-12345").mkdir()
+    lines = []
+    r = train(c, resume="auto", log=lines.append)
+    assert r.steps == 4 and any("starting from step 0" in l for l in lines)
+    rows = [json.loads(l) for l in open(tmp_path / "run" / "metrics.jsonl")]
+    assert [x["step"] for x in rows if x["split"] == "train"] == [1, 2, 3, 4]
+    assert [x["step"] for x in rows if x["split"] == "val"] == [0, 2, 4]
+    assert not (tmp_path / "run" / "model.tmp-12345").exists()
