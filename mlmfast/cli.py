@@ -135,7 +135,24 @@ def cmd_eval(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     model, tokenizer, model_dir = load_model_and_tokenizer(args.path, device)
     run_cfg_path = os.path.join(args.path, "train_config.json")
-    if args.data:
+    from .prepare import PreparedCorpus, is_prepared_dir
+
+    data = list(args.data)
+    if not data and os.path.isfile(run_cfg_path):
+        with open(run_cfg_path) as f:
+            run_data = json.load(f).get("data") or []
+        data = run_data if len(run_data) == 1 and is_prepared_dir(run_data[0]) else []
+    if len(data) == 1 and is_prepared_dir(data[0]):  # prepared shards: their validation split
+        corpus = PreparedCorpus(data[0])
+        corpus.check_tokenizer(tokenizer)
+        cfg = TrainConfig(data=data, seq_len=args.seq_len or 128)
+        if os.path.isfile(run_cfg_path):
+            with open(run_cfg_path) as f:
+                cfg = TrainConfig.from_json(json.load(f))
+            cfg.seq_len = args.seq_len or cfg.seq_len
+        ds = corpus.dataset("val", seq_len=cfg.seq_len, pack=cfg.pack)
+        what = f"the validation split of the prepared shards {data[0]}"
+    elif args.data:
         cfg = TrainConfig(data=list(args.data), seq_len=args.seq_len or 128)
         docs, source = load_documents(cfg.data)
         ds, _ = build_datasets(docs, tokenizer, seq_len=cfg.seq_len, pack=True, val_fraction=0.0, seed=0)

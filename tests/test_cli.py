@@ -182,8 +182,21 @@ def test_prepare_then_train_on_the_shards_then_resume_auto(trained_run, corpus_f
     code, out, err = run_cli(capsys, *[a if a != "4" else "6" for a in args])
     assert code == 0, err
     assert "resumed from" in out and "step-000004" in out and "done: 6 steps" in out
+    code, out, err = run_cli(capsys, "eval", str(run), "--batches", "1")  # the run's own validation split
+    assert code == 0, err
+    assert "validation split of the prepared shards" in out
 
 
 def test_resume_without_a_run_is_one_error(tmp_path, capsys):
     code, out, err = run_cli(capsys, "train", "--resume", "--out", str(tmp_path / "none"), *TINY)
     assert code == 2 and err.count("\n") == 1 and "not a run directory" in err and "--resume auto" in err
+
+
+def test_eval_on_prepared_shards(trained_run, corpus_file, tmp_path, capsys):
+    prepared = tmp_path / "prepared"
+    assert run_cli(capsys, "prepare", "--data", str(corpus_file), "--tokenizer", str(trained_run / "tokenizer"),
+                   "--out", str(prepared), "--val-fraction", "0.1", "--no-progress")[0] == 0
+    code, out, err = run_cli(capsys, "eval", str(trained_run), "--data", str(prepared), "--batches", "2", "--json")
+    assert code == 0, err
+    r = json.loads(out)
+    assert r["val_tokens"] > 0 and 0 < r["val_loss"] < 20
