@@ -227,6 +227,9 @@ def read_corpus(paths: str | os.PathLike | Sequence[str | os.PathLike]) -> Corpu
         raise UserError("no corpus given: pass one or more text files or directories")
     files: list[Path] = []
     for path in paths:
+        if path.is_dir() and _is_prepared(path):
+            raise UserError(f"{path} holds prepared shards (mlmfast prepare), not text: pass it alone to "
+                            "`mlmfast train --data` or `mlmfast eval --data`, or pass the text files")
         if path.is_dir():
             files.extend(_walk(path))
         elif path.is_file():
@@ -246,8 +249,14 @@ def read_corpus(paths: str | os.PathLike | Sequence[str | os.PathLike]) -> Corpu
     return Corpus(docs, [str(f) for f in files], replaced)
 
 
+def _is_prepared(directory: Path) -> bool:
+    """A directory written by `mlmfast prepare` (token shards and a tokenizer, no text to read)."""
+    return (directory / "manifest.json").is_file() and (directory / "tokenizer").is_dir()
+
+
 def _walk(directory: Path) -> list[Path]:
-    """Text files under `directory`, sorted by relative path; hidden files and directories skipped."""
+    """Text files under `directory`, sorted by relative path; hidden files and directories, and directories of
+    prepared shards (`mlmfast prepare` output), skipped."""
     found, seen = [], set()
     for root, dirs, names in os.walk(directory, followlinks=True):
         real = os.path.realpath(root)
@@ -255,7 +264,7 @@ def _walk(directory: Path) -> list[Path]:
             dirs[:] = []
             continue
         seen.add(real)
-        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        dirs[:] = [d for d in dirs if not d.startswith(".") and not _is_prepared(Path(root, d))]
         found.extend(Path(root, n) for n in names if not n.startswith(".") and n.lower().endswith(TEXT_SUFFIXES))
     return sorted(found, key=lambda p: p.relative_to(directory).parts)
 

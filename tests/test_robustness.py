@@ -249,3 +249,17 @@ def test_training_step_has_no_host_sync(cuda_device, accum):
         torch.cuda.set_sync_debug_mode(0)
     assert float(bad) == 0.0 and torch.isfinite(loss) and float(gnorm) > 0
     assert not torch.equal(before, model.bert["embeddings"].word_embeddings.weight)
+
+
+def test_prepared_directory_is_not_read_as_text(prepared, corpus_file, tmp_path):
+    from mlmfast.data import read_corpus
+
+    with pytest.raises(UserError, match="holds prepared shards"):
+        read_corpus([str(prepared), str(corpus_file)])
+    # inside a text directory, a prepared directory (its tokenizer/vocab.txt) is skipped by the walk
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(prepared, data / "prepared")
+    (data / "a.txt").write_text("One document here.\n\nAnother one.\n")
+    assert read_corpus(str(data)) == ["One document here.", "Another one."]
