@@ -1,6 +1,7 @@
 """The fast MLM step's building blocks, shared by `BertForMLM` (path "fast") and `mlmfast.accelerate` (HF models).
 
-    x = embeddings(ids) ─▶ layers 1..n-1: `encoder_layer` (fused attention) ─▶ pos = `target_positions`
+    x = embeddings(ids) ─▶ layers 1..n-1: `encoder_layer` (fused attention; on CPU the dense ops on the real
+      tokens only when the batch is padded enough: `unpad_plan`) ─▶ pos = `target_positions`
       ─▶ layer n at the predicted positions only (`encoder_layer(queries=pos)`: keys / values from every row)
       ─▶ `compact_rows` (predicted rows first) ─▶ head transform ─▶ `linear_cross_entropy` ─▶ loss
 
@@ -80,15 +81,65 @@ def padding_bias(keep: Optional[torch.Tensor], dtype: torch.dtype) -> Optional[t
     return bias[:, None, None, :]
 
 
+# ---- unpadding (CPU) ----------------------------------------------------------------------------------------
+UNPAD_MAX_FILL = 0.85  # CPU, backend "auto": drop padding from the dense ops when at most this share is real
+
+
+@dataclass
+class Unpadded:
+    """The real tokens of a padded (B, L) batch, for running the dense parts of a layer (projections, feed-forward,
+    LayerNorm, dropout) on (T, H) rows instead of (B, L, H): with 45% real tokens, 45% of the FLOPs. Attention
+    still sees the padded layout (unpack -> SDPA -> pack)."""
+
+    index: torch.Tensor  # (T,) int64: flat positions b * L + l of the real tokens, ascending
+    batch: int
+    seq_len: int
+
+    def pack(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, L, ...) -> (T, ...) the real tokens, row-major."""
+        return x.reshape(self.batch * self.seq_len, *x.shape[2:]).index_select(0, self.index)
+
+    def unpack(self, xt: torch.Tensor) -> torch.Tensor:
+        """(T, ...) -> (B, L, ...) with zeros at the padding."""
+        out = xt.new_zeros(self.batch * self.seq_len, *xt.shape[1:]).index_copy(0, self.index, xt)
+        return out.view(self.batch, self.seq_len, *xt.shape[1:])
+
+
+def unpad_plan(keep: Optional[torch.Tensor], backend: str) -> Optional[Unpadded]:
+    """An `Unpadded` plan when it pays and costs no device sync: CPU tensors, backend "auto", eager mode, and at
+    most UNPAD_MAX_FILL of the positions real (counting them reads the mask: free on the CPU, a sync on a GPU, so
+    never there). None = run the layers on the padded (B, L, H) layout."""
+    if keep is None or backend != "auto" or keep.device.type != "cpu" or _compiling():
+        return None
+    B, L = keep.shape
+    flat = keep.reshape(-1)
+    if int(flat.sum()) > UNPAD_MAX_FILL * flat.numel():
+        return None
+    return Unpadded(flat.nonzero().squeeze(1), B, L)
+
+
 def self_attention(x: torch.Tensor, query: nn.Module, key: nn.Module, value: nn.Module, num_heads: int,
                    keep: Optional[torch.Tensor], dropout_p: float, backend: str,
-                   scale: Optional[float] = None) -> torch.Tensor:
+                   scale: Optional[float] = None, unpadded: Optional[Unpadded] = None) -> torch.Tensor:
     """Bidirectional multi-head self-attention of x (B, L, H) with the given projections -> (B, L, H).
 
     keep (B, L) bool: True = real token (padded keys get no attention); None = no padding. dropout_p: attention
     dropout (pass 0 in eval mode). On the kernel path padded query rows return 0 (SDPA returns finite values);
     either way they reach neither the loss nor any gradient, because no other position attends to them.
+    unpadded: x is (T, H), the real tokens of the plan; the projections run on them, SDPA on the padded layout,
+    and the result is (T, H).
     """
+    if unpadded is not None:
+        T, H = x.shape
+        B, L, D = unpadded.batch, unpadded.seq_len, H // num_heads
+
+        def heads(t: torch.Tensor) -> torch.Tensor:  # (T, H) -> (B, nh, L, D), zeros at the padding
+            return unpadded.unpack(t).view(B, L, num_heads, D).transpose(1, 2)
+
+        y = F.scaled_dot_product_attention(heads(query(x)), heads(key(x)), heads(value(x)),
+                                           attn_mask=padding_bias(keep, x.dtype), dropout_p=dropout_p,
+                                           scale=scale)  # (B, nh, L, D)
+        return unpadded.pack(y.transpose(1, 2).reshape(B, L, H))  # (T, H)
     B, L, H = x.shape
     D = H // num_heads
     q = query(x).view(B, L, num_heads, D).transpose(1, 2)  # (B, nh, L, D), a view of (B, L, nh, D)
@@ -202,8 +253,9 @@ def select_rows(hidden: torch.Tensor, labels: Optional[torch.Tensor] = None, pos
 def encoder_layer(x: torch.Tensor, attn: nn.Module, num_heads: int, keep: Optional[torch.Tensor],
                   dropout_p: float, backend: str, attn_output: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
                   ffn: Callable[[torch.Tensor], torch.Tensor], scale: Optional[float] = None,
-                  queries: Optional[torch.Tensor] = None) -> torch.Tensor:
+                  queries: Optional[torch.Tensor] = None, unpadded: Optional[Unpadded] = None) -> torch.Tensor:
     """A post-LN BERT layer: x = attn_output(attention(x), x); return ffn(x). attn has .query/.key/.value.
+    unpadded (an `unpad_plan`): x is (T, H), the real tokens, and so is the result.
 
     queries (B, P) positions (out-of-range = empty slot): compute the layer's output only at those positions,
     (B*P, H), with keys and values from every position. Exact: the last layer's output at a position depends on
@@ -211,8 +263,11 @@ def encoder_layer(x: torch.Tensor, attn: nn.Module, num_heads: int, keep: Option
     query projection, attention output and feed-forward block on ~15% of the rows), with SDPA (Lq != Lk).
     """
     if queries is None:
-        a = self_attention(x, attn.query, attn.key, attn.value, num_heads, keep, dropout_p, backend, scale)
-        return ffn(attn_output(a, x))  # (B, L, H)
+        a = self_attention(x, attn.query, attn.key, attn.value, num_heads, keep, dropout_p, backend, scale,
+                           unpadded)
+        return ffn(attn_output(a, x))  # (B, L, H), or (T, H) unpadded
+    if unpadded is not None:
+        raise ValueError("the query-rows layer takes the padded layout: unpack before it")
     B, L, H = x.shape
     P = queries.shape[1]
     D = H // num_heads
@@ -243,4 +298,4 @@ def mlm_head_loss(sel: SelectedRows, transform: Callable[[torch.Tensor], torch.T
 
 __all__ = ["BACKENDS", "SelectedRows", "check_backend", "check_targets", "compact_rows", "dense_labels",
            "encoder_layer", "mlm_head_loss", "padding_bias", "select_rows", "self_attention", "target_positions",
-           "use_attention_kernel"]
+           "use_attention_kernel", "Unpadded", "unpad_plan", "UNPAD_MAX_FILL"]

@@ -150,12 +150,17 @@ def _fast_forward(self, input_ids: Optional[torch.Tensor] = None, attention_mask
     keep = None if attention_mask is None else attention_mask.to(input_ids.device) != 0  # (B, L) bool
     x = base.embeddings(input_ids=input_ids, token_type_ids=token_type_ids, position_ids=position_ids)  # (B, L, H)
     *layers, last = base.encoder.layer
+    plan = fast.unpad_plan(keep, backend) if layers else None  # CPU, padded enough: dense ops on real tokens
+    if plan is not None:
+        x = plan.pack(x)  # (T, H)
     for layer in layers:
         if getattr(layer, "gradient_checkpointing", False) and self.training and torch.is_grad_enabled():
-            x = torch.utils.checkpoint.checkpoint(_layer, layer, x, keep, backend, self.training, None,
+            x = torch.utils.checkpoint.checkpoint(_layer, layer, x, keep, backend, self.training, None, plan,
                                                   use_reentrant=False)
         else:
-            x = _layer(layer, x, keep, backend, self.training)
+            x = _layer(layer, x, keep, backend, self.training, None, plan)
+    if plan is not None:
+        x = plan.unpack(x)  # (B, L, H), zeros at the padding
     B, L, _ = x.shape
     pos, lab = fast.target_positions(B, L, x.device, labels if positions is None else None, positions,
                                      position_labels)  # (B, P) positions to predict
@@ -168,15 +173,15 @@ def _fast_forward(self, input_ids: Optional[torch.Tensor] = None, attention_mask
 
 
 def _layer(layer: nn.Module, x: torch.Tensor, keep: Optional[torch.Tensor], backend: str, training: bool,
-           queries: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """One HF encoder layer with the fast attention core (at `queries` only, when given: see
-    fast.encoder_layer); every other module is HF's own."""
+           queries: Optional[torch.Tensor] = None, unpadded: Optional[fast.Unpadded] = None) -> torch.Tensor:
+    """One HF encoder layer with the fast attention core (at `queries` only, when given; on the real tokens
+    (T, H) only with `unpadded`: see fast.encoder_layer); every other module is HF's own."""
     sa = layer.attention.self
     return fast.encoder_layer(
         x, sa, sa.num_attention_heads, keep, sa.dropout.p if training else 0.0, backend,
         attn_output=layer.attention.output,  # dense -> dropout -> LayerNorm(+ x)
         ffn=lambda h: layer.output(layer.intermediate(h), h),  # feed-forward (HF's chunking does not change the math)
-        scale=getattr(sa, "scaling", None), queries=queries)
+        scale=getattr(sa, "scaling", None), queries=queries, unpadded=unpadded)
 
 
 def _check_inputs(input_ids, attention_mask, token_type_ids, labels) -> None:

@@ -194,20 +194,21 @@ class Layer(nn.Module):
         self.act = activation(cfg.hidden_act)  # no parameters
 
     def forward(self, x: torch.Tensor, key_mask: torch.Tensor | None = None, *, fast_backend: Optional[str] = None,
-                queries: Optional[torch.Tensor] = None) -> torch.Tensor:
+                queries: Optional[torch.Tensor] = None, unpadded: Any = None) -> torch.Tensor:
         """Reference: (B, L, H) -> (B, L, H), key_mask as SelfAttention takes it. With fast_backend (the fast
         path; key_mask is then the (B, L) bool keep-mask or None): mlmfast.fast.encoder_layer, (B, L, H) ->
         (B, L, H), or (B*P, H) at the (B, P) `queries` positions only. Both go through this module's __call__,
-        so wrappers that hook it (FSDP2's fully_shard) see every layer call."""
+        so wrappers that hook it (FSDP2's fully_shard) see every layer call. unpadded (fast path, a
+        `fast.unpad_plan`): x and the result are (T, H), the real tokens only."""
         if fast_backend is not None:
-            return self._fast_forward(x, key_mask, fast_backend, queries)
+            return self._fast_forward(x, key_mask, fast_backend, queries, unpadded)
         a = self.attention["self"](x, key_mask)  # (B, L, H)
         x = self.attention["output"](a, x)  # (B, L, H)
         h = self.act(self.intermediate["dense"](x))  # (B, L, I)
         return self.output(h, x)  # (B, L, H)
 
     def _fast_forward(self, x: torch.Tensor, keep: Optional[torch.Tensor], backend: str,
-                      queries: Optional[torch.Tensor]) -> torch.Tensor:
+                      queries: Optional[torch.Tensor], unpadded: Any = None) -> torch.Tensor:
         from . import fast
 
         sa = self.attention["self"]
@@ -216,7 +217,8 @@ class Layer(nn.Module):
             return self.output(self.act(self.intermediate["dense"](h)), h)  # (..., H)
 
         return fast.encoder_layer(x, sa, sa.n_head, keep, sa.dropout.p if self.training else 0.0, backend,
-                                  attn_output=self.attention["output"], ffn=ffn, scale=sa.scale, queries=queries)
+                                  attn_output=self.attention["output"], ffn=ffn, scale=sa.scale, queries=queries,
+                                  unpadded=unpadded)
 
 
 class PredictionHead(nn.Module):
@@ -408,8 +410,13 @@ class BertForMLM(nn.Module):
             keep = None if attention_mask is None else attention_mask != 0  # (B, L) bool
             x = self.bert["embeddings"](input_ids, token_type_ids)  # (B, L, H)
             *layers, last = self.bert["encoder"]["layer"]
+            plan = fast.unpad_plan(keep, self.fast_backend) if layers else None  # CPU, padded enough
+            if plan is not None:
+                x = plan.pack(x)  # (T, H): the layers' dense ops run on the real tokens only
             for layer in layers:
-                x = self._fast_layer(layer, x, keep)  # (B, L, H)
+                x = layer(x, keep, fast_backend=self.fast_backend, unpadded=plan)  # (B, L, H) or (T, H)
+            if plan is not None:
+                x = plan.unpack(x)  # (B, L, H), zeros at the padding (masked keys of the last layer)
             B, L, _ = x.shape
             pos, lab = fast.target_positions(B, L, x.device, labels if positions is None else None, positions,
                                              position_labels)  # (B, P) positions to predict

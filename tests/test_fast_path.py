@@ -360,3 +360,58 @@ def test_gpu_fast_step_has_no_host_sync_and_compiles_fullgraph(cuda_device):
         loss = compiled_hf(input_ids=ids, attention_mask=am, labels=labels).loss
     loss.backward()
     assert torch.isfinite(loss)
+
+
+# ---- unpadding (CPU, backend "auto") ---------------------------------------------------------------------------
+@pytest.mark.parametrize("B,L", [(4, 17), (3, 127), (5, 129), (2, 1)])
+def test_unpadded_layers_match_reference(B, L, monkeypatch):
+    """Padded enough, the CPU fast path runs the dense ops of layers 1..n-1 on the real tokens only (T, H): the
+    loss and every gradient still equal the reference's. Rows: full, half, length 1, all padding."""
+    torch.manual_seed(2)
+    model = BertForMLM(tiny_config(num_hidden_layers=3))
+    ids, am, _ = batch(B, L)
+    if B > 2 and L > 1:
+        am[2, 1:] = 0  # a row of length 1
+        ids[am == 0] = 0
+    m = mask_select(ids, mask_token_id=4, vocab_size=V, special_token_ids=[0, 1, 2, 3, 4], attention_mask=am,
+                    mlm_probability=0.3, seed=5)
+    inputs = dict(input_ids=m.input_ids, attention_mask=am, positions=m.positions, position_labels=m.position_labels)
+    plans = []
+    real = fast.unpad_plan
+    monkeypatch.setattr(fast, "unpad_plan", lambda *a: plans.append(real(*a)) or plans[-1])
+    monkeypatch.setattr(fast, "UNPAD_MAX_FILL", 1.0)  # always unpad (also the all-real batch of L = 1)
+    ref = run(model.set_path("reference"), input_ids=m.input_ids, attention_mask=am, labels=m.labels)
+    got = run(model.set_path("fast", "auto"), **inputs)
+    assert plans and plans[-1] is not None and plans[-1].index.numel() == int(am.sum())
+    assert_same(got, ref)
+    monkeypatch.setattr(fast, "UNPAD_MAX_FILL", -1.0)  # never: the padded layout gives the same
+    assert_same(run(model, **inputs), got)
+    assert plans[-1] is None
+
+
+def test_unpadding_only_when_it_pays_and_costs_no_sync():
+    keep = torch.ones(4, 10, dtype=torch.bool)
+    assert fast.unpad_plan(keep, "auto") is None  # full rows: nothing to drop
+    keep[1:, 3:] = False
+    plan = fast.unpad_plan(keep, "auto")
+    assert plan is not None and plan.index.tolist() == list(range(10)) + [10, 11, 12, 20, 21, 22, 30, 31, 32]
+    x = torch.randn(4, 10, 6)
+    torch.testing.assert_close(plan.unpack(plan.pack(x)), x * keep[..., None])
+    assert fast.unpad_plan(keep, "torch") is None and fast.unpad_plan(keep, "kernel") is None
+    assert fast.unpad_plan(keep.to("meta"), "auto") is None  # not a CPU tensor (on CUDA counting would sync)
+    assert fast.unpad_plan(None, "auto") is None
+
+
+@pytest.mark.parametrize("kind", ["bert", "roberta"])
+def test_accelerated_hf_unpadded_layers_match_hf(kind, monkeypatch):
+    model = hf_model(kind, num_hidden_layers=3)
+    ids, am, labels = hf_batch(model, 4, 33, seed=3, all_pad_row=False)
+    ref = run(model, input_ids=ids, attention_mask=am, labels=labels)
+    plans = []
+    real = fast.unpad_plan
+    monkeypatch.setattr(fast, "unpad_plan", lambda *a: plans.append(real(*a)) or plans[-1])
+    monkeypatch.setattr(fast, "UNPAD_MAX_FILL", 1.0)
+    mlmfast.accelerate(model)
+    got = run(model, input_ids=ids, attention_mask=am, labels=labels)
+    assert plans and plans[-1] is not None and plans[-1].index.numel() == int(am.sum())
+    assert_same(got, ref)
