@@ -30,6 +30,7 @@ import concurrent.futures
 import contextlib
 import dataclasses
 import datetime
+import glob
 import hashlib
 import io
 import json
@@ -107,7 +108,8 @@ def prepare_corpus(data: Sequence[str | os.PathLike], tokenizer_dir: str | os.Pa
     source_bytes = sum(f.stat().st_size for f in files)
 
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
+    _remove_stale_siblings(out)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-{os.getpid()}-"))
     try:
         MLMTokenizer.load(tokenizer_dir).save(tmp / TOKENIZER_DIR)
         tok = MLMTokenizer.load(tmp / TOKENIZER_DIR)  # the copy: what workers and later runs load
@@ -165,6 +167,26 @@ def prepare_corpus(data: Sequence[str | os.PathLike], tokenizer_dir: str | os.Pa
     return manifest
 
 
+def _remove_stale_siblings(out: Path) -> None:
+    """Delete `.NAME.tmp-PID-*` / `.NAME.old-PID-*` next to `out` whose process no longer runs (a prepare that
+    was killed); those of a live process (a concurrent prepare) are left alone."""
+    for kind in ("tmp", "old"):
+        for path in out.parent.glob(f".{glob.escape(out.name)}.{kind}-*-*"):
+            pid = path.name[len(f".{out.name}.{kind}-"):].split("-", 1)[0]
+            if pid.isdigit() and not _alive(int(pid)):
+                shutil.rmtree(path, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
 def _check_out_dir(out: Path, overwrite: bool) -> None:
     """UserError unless `out` may receive a prepared corpus: absent, an empty directory, or (with overwrite)
     an earlier prepared directory."""
@@ -186,7 +208,7 @@ def _install(tmp: Path, out: Path, overwrite: bool) -> None:
     """Move the finished directory `tmp` to `out` (checked again: another process may have written there)."""
     _check_out_dir(out, overwrite)
     if out.exists() and any(out.iterdir()):  # an earlier prepared directory: swap it out, then delete it
-        trash = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.old-"))
+        trash = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.old-{os.getpid()}-"))
         os.replace(out, trash / out.name)
         os.replace(tmp, out)
         shutil.rmtree(trash, ignore_errors=True)

@@ -224,3 +224,34 @@ def test_killed_before_the_first_checkpoint_restarts_cleanly(corpus_file, tok_di
     assert [x["step"] for x in rows if x["split"] == "train"] == [1, 2, 3, 4]
     assert [x["step"] for x in rows if x["split"] == "val"] == [0, 2, 4]
     assert not (tmp_path / "run" / "model.tmp-12345").exists()
+
+
+def test_prepare_killed_midway_leaves_no_prepared_dir_and_reruns_cleanly(corpus_file, tok_dir, tmp_path):
+    """SIGKILL a running `mlmfast prepare`: --out is never half-written (the work is a hidden sibling until the
+    final rename); the rerun removes the dead process's leftovers and writes what an uninterrupted run writes."""
+    big = tmp_path / "big.txt"
+    text = corpus_file.read_text()
+    big.write_text("\n\n".join([text] * 30))
+    cmd = [sys.executable, "-m", "mlmfast", "prepare", "--data", str(big), "--tokenizer", str(tok_dir),
+           "--workers", "2", "--shard-tokens", "50000", "--no-progress"]
+    out = tmp_path / "prepared"
+    proc = subprocess.Popen(cmd + ["--out", str(out)], env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 120
+    while not list(tmp_path.glob(".prepared.tmp-*/train-00001.bin")) and proc.poll() is None \
+            and time.time() < deadline:
+        time.sleep(0.01)
+    assert proc.poll() is None, "prepare finished before it could be killed: use a larger corpus"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not out.exists() and list(tmp_path.glob(".prepared.tmp-*"))
+    subprocess.run(cmd + ["--out", str(out)], env=ENV, check=True, capture_output=True, timeout=300)
+    assert not list(tmp_path.glob(".prepared.*"))  # the killed run's leftovers are gone
+    ref = tmp_path / "ref"
+    subprocess.run(cmd + ["--out", str(ref)], env=ENV, check=True, capture_output=True, timeout=300)
+    names = sorted(p.name for p in ref.iterdir() if p.is_file())
+    assert names == sorted(p.name for p in out.iterdir() if p.is_file()) and "train-00001.bin" in names
+    for n in names:
+        if n != "manifest.json":
+            assert (ref / n).read_bytes() == (out / n).read_bytes(), n
+    strip = lambda m: {k: v for k, v in m.items() if k != "created"}  # noqa: E731
+    assert strip(json.loads((ref / "manifest.json").read_text())) == strip(json.loads((out / "manifest.json").read_text()))
