@@ -678,9 +678,7 @@ def _train(cfg: TrainConfig, resume, log: Callable[[str], None], stop_after: Opt
     elif resume:
         log(f"--resume: no valid checkpoint in {run_dir} yet; starting from step 0")
 
-    n_params = sum(p.numel() for p in {id(p): p for p in core.parameters()}.values())
-    if is_fsdp(model):
-        n_params *= W  # the local shards
+    n_params = sum(p.numel() for p in {id(p): p for p in core.parameters()}.values())  # DTensors: global sizes
     log(f"model: {cfg.model} (~{n_params / 1e6:.1f}M parameters) on {device}"
         f"{'' if amp_dtype is None else ' with ' + str(amp_dtype).replace('torch.', '') + ' autocast'}"
         f"{f', {W} processes ({cfg.strategy}, {env.backend})' if W > 1 else ''}; "
@@ -744,8 +742,7 @@ def _train(cfg: TrainConfig, resume, log: Callable[[str], None], stop_after: Opt
                 }, os.path.join(tmp, STATE_FILE))
 
             path = save_checkpoint(run_dir, at_step, write, cfg.keep_checkpoints)
-        env.barrier()
-        return path
+        return env.broadcast_object(path)  # also waits for rank 0 to finish writing
 
     from tqdm.auto import tqdm
 
