@@ -252,6 +252,22 @@ def cmd_tokenizer_encode(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------------------------------------------
 
 
+def _distributed_info(torch) -> str:
+    """Which torchrun backends this torch build has (gloo: CPU processes; nccl: GPUs) and FSDP2."""
+    dist = torch.distributed
+    if not dist.is_available():
+        return "not available in this torch build (single process only)"
+    backends = [name for name, ok in (("nccl", dist.is_nccl_available() and torch.cuda.is_available()),
+                                      ("gloo", dist.is_gloo_available())) if ok]
+    try:
+        from torch.distributed.fsdp import fully_shard  # noqa: F401
+
+        fsdp = "FSDP2"
+    except ImportError:
+        fsdp = "no FSDP2"
+    return f"torchrun with {', '.join(backends) or 'no backend'}; DDP, {fsdp}"
+
+
 def cmd_info(args: argparse.Namespace) -> int:
     import importlib
     import platform
@@ -273,6 +289,7 @@ def cmd_info(args: argparse.Namespace) -> int:
         info["torch_cuda"] = torch.version.cuda
     else:
         info["device"] = f"CPU ({os.cpu_count()} cores, {torch.get_num_threads()} torch threads)"
+    info["distributed"] = _distributed_info(torch)
     ops = all_status()
     if args.json:
         info["ops"] = [{"op": s.name, "active": s.fast if s.available else s.reference,

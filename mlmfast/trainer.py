@@ -487,6 +487,10 @@ def build_run_data(cfg: TrainConfig, run_dir: str, log: Callable[[str], None], e
         train_ds = corpus.dataset("train", seq_len=cfg.seq_len, pack=cfg.pack)
         val_ds = corpus.dataset("val", seq_len=cfg.seq_len, pack=cfg.pack)
         source = f"prepared shards in {cfg.data[0]}"
+        if cfg.val_fraction != TrainConfig.val_fraction:
+            log(f"note: --val-fraction {cfg.val_fraction} has no effect on prepared shards: their validation "
+                f"split was chosen by `mlmfast prepare` (--val-fraction there; this one holds "
+                f"{corpus.manifest['splits']['val']['documents']} documents)")
     else:
         documents, source = load_documents(cfg.data)
         bad = getattr(documents, "replaced_chars", 0)

@@ -83,6 +83,7 @@ def test_info(capsys):
     assert code == 0
     r = json.loads(out)
     assert r["torch"] and r["device"] and isinstance(r["ops"], list)
+    assert r["distributed"].startswith("torchrun with gloo") and "FSDP2" in r["distributed"]  # what the tests use
     for op in r["ops"]:  # every op names its active implementation and, when the fast one is off, why
         assert op["active"] and (op["reason"] is None or op["reason"].strip())
     code, out, _ = run_cli(capsys, "info")

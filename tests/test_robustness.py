@@ -166,8 +166,9 @@ def test_train_streams_prepared_shards_and_resumes_exactly(prepared, tmp_path):
                            progress=False, **kw)
 
     lines = []
-    ref = train(c(tmp_path / "ref"), log=lines.append)
+    ref = train(c(tmp_path / "ref", val_fraction=0.2), log=lines.append)
     assert any("prepared shards" in l for l in lines)
+    assert any("--val-fraction 0.2 has no effect on prepared shards" in l for l in lines)
     assert ref.last_val["val_loss"] < ref.first_val["val_loss"]
     run = tmp_path / "run"
     train(c(run), stop_after=5, log=lambda m: None)
