@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from typing import Any, Optional
+
+from mlmfast._io import atomic_savefig, atomic_write_text
 
 OP_BASELINES = {"masking": "hf-collator", "gather": "index (torch)", "attention": "sdpa", "linear-CE": "hf-full-logits"}
 TRAIN_BASELINES = [("hf-eager", "× hf-eager"), ("hf-sdpa", "× hf-sdpa"), ("hf-sdpa-compile", "× hf-compile"),
@@ -18,10 +19,7 @@ TRAIN_BASELINES = [("hf-eager", "× hf-eager"), ("hf-sdpa", "× hf-sdpa"), ("hf-
 
 
 def write_json(path: str, meta: dict, rows: list[dict]) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump({"meta": meta, "rows": rows}, f, indent=1, default=str)
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps({"meta": meta, "rows": rows}, indent=1, default=str))
 
 
 def _f(x: Optional[float], fmt: str, none: str = "n/a") -> str:
@@ -224,10 +222,8 @@ def plot(meta: dict, rows: list[dict], path: str) -> Optional[str]:
     fig.suptitle(f"mlmfast benchmarks: {e['device']}, {e['date'][:10]}, torch {e['torch']}, commit {e['git_commit']}",
                  fontsize=9)
     fig.tight_layout()
-    tmp = path + ".tmp.png"
-    fig.savefig(tmp, dpi=100)
+    atomic_savefig(fig, path, dpi=100)
     plt.close(fig)
-    os.replace(tmp, path)
     return path
 
 

@@ -12,12 +12,12 @@ readers ignore and the next save removes.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
 from typing import Callable, Optional
 
+from ._io import atomic_write_text, replace_dir, sha256_file
 from .errors import UserError
 
 CKPT_PREFIX = "step-"
@@ -28,14 +28,6 @@ _TMP_PREFIX = ".tmp-"
 
 class CorruptCheckpoint(UserError):
     """A checkpoint directory whose files are missing, truncated or changed since they were written."""
-
-
-def _sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _fsync_dir(path: str) -> None:
@@ -96,7 +88,7 @@ def verify_checkpoint(path: str) -> None:
         if size != want["size"]:
             raise CorruptCheckpoint(f"checkpoint {path} is corrupt: {rel} has {size} bytes, {want['size']} were "
                                     "written (truncated or overwritten)")
-        if _sha256(file) != want["sha256"]:
+        if sha256_file(file) != want["sha256"]:
             raise CorruptCheckpoint(f"checkpoint {path} is corrupt: {rel} does not match its sha256 checksum")
     extra = set(_payload_files(path)) - set(sums)
     if STATE_FILE not in sums:
@@ -142,19 +134,11 @@ def save_checkpoint(run_dir: str, step: int, write_files: Callable[[str], None],
         file = os.path.join(tmp, rel)
         with open(file, "rb") as f:
             os.fsync(f.fileno())
-        sums[rel] = {"size": os.path.getsize(file), "sha256": _sha256(file)}
-    with open(os.path.join(tmp, CHECKSUMS), "w") as f:
-        json.dump({"step": step, "files": sums}, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
+        sums[rel] = {"size": os.path.getsize(file), "sha256": sha256_file(file)}
+    atomic_write_text(os.path.join(tmp, CHECKSUMS), json.dumps({"step": step, "files": sums}, indent=1))
     _fsync_dir(tmp)
-    if os.path.exists(final):  # a re-run of the same step (after a resume): replace it
-        old = os.path.join(root, f"{_TMP_PREFIX}old-{name}-{os.getpid()}")
-        os.replace(final, old)
-        os.replace(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, final)
+    # a re-run of the same step (after a resume) replaces it
+    replace_dir(tmp, final, aside=os.path.join(root, f"{_TMP_PREFIX}old-{name}-{os.getpid()}"))
     _fsync_dir(root)
     older = [p for p in checkpoint_dirs(run_dir) if checkpoint_step(p) < step]
     for stale in older[:len(older) - (keep - 1)] if len(older) >= keep else []:
@@ -172,13 +156,3 @@ def set_aside(path: str) -> str:
         k += 1
     os.replace(path, dest)
     return dest
-
-
-def write_atomic_json(path: str, obj) -> None:
-    """Write JSON to `path` via a temporary file and a rename (a reader never sees half a file)."""
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)

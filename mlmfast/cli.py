@@ -134,22 +134,19 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     device = resolve_device(args.device)
     model, tokenizer, model_dir = load_model_and_tokenizer(args.path, device)
-    run_cfg_path = os.path.join(args.path, "train_config.json")
     from .prepare import PreparedCorpus, is_prepared_dir
 
-    data = list(args.data)
-    if not data and os.path.isfile(run_cfg_path):
+    run_cfg = None  # the run's TrainConfig when args.path is a run directory
+    run_cfg_path = os.path.join(args.path, "train_config.json")
+    if os.path.isfile(run_cfg_path):
         with open(run_cfg_path) as f:
-            run_data = json.load(f).get("data") or []
-        data = run_data if len(run_data) == 1 and is_prepared_dir(run_data[0]) else []
-    if len(data) == 1 and is_prepared_dir(data[0]):  # prepared shards: their validation split
+            run_cfg = TrainConfig.from_json(json.load(f))
+        run_cfg.seq_len = args.seq_len or run_cfg.seq_len
+    data = list(args.data) or (run_cfg.data if run_cfg is not None else [])
+    if len(data) == 1 and is_prepared_dir(data[0]):  # prepared shards (given, or the run's): their validation split
         corpus = PreparedCorpus(data[0])
         corpus.check_tokenizer(tokenizer)
-        cfg = TrainConfig(data=data, seq_len=args.seq_len or 128)
-        if os.path.isfile(run_cfg_path):
-            with open(run_cfg_path) as f:
-                cfg = TrainConfig.from_json(json.load(f))
-            cfg.seq_len = args.seq_len or cfg.seq_len
+        cfg = run_cfg if run_cfg is not None else TrainConfig(data=data, seq_len=args.seq_len or 128)
         ds = corpus.dataset("val", seq_len=cfg.seq_len, pack=cfg.pack)
         what = f"the validation split of the prepared shards {data[0]}"
     elif args.data:
@@ -157,11 +154,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         docs, source = load_documents(cfg.data)
         ds, _ = build_datasets(docs, tokenizer, seq_len=cfg.seq_len, pack=True, val_fraction=0.0, seed=0)
         what = f"all of {source}"
-    elif os.path.isfile(run_cfg_path):
-        with open(run_cfg_path) as f:
-            cfg = TrainConfig.from_json(json.load(f))
-        if args.seq_len:
-            cfg.seq_len = args.seq_len
+    elif run_cfg is not None:
+        cfg = run_cfg
         docs, source = load_documents(cfg.data)
         _, ds = build_datasets(docs, tokenizer, seq_len=cfg.seq_len, pack=cfg.pack,
                                val_fraction=cfg.val_fraction, seed=cfg.seed, whole_word=cfg.whole_word)

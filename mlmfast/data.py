@@ -220,6 +220,8 @@ def read_corpus(paths: str | os.PathLike | Sequence[str | os.PathLike]) -> Corpu
     """Documents from text files, directories (recursive; .txt, .text, .md, .jsonl; sorted; hidden entries
     skipped) and .jsonl files (a JSON object with a "text" string per line). See the module docstring for
     how files are split into documents. Invalid UTF-8 is replaced (and counted), never fatal."""
+    from mlmfast.prepare import is_prepared_dir  # prepare reads text with this module's readers
+
     if isinstance(paths, (str, os.PathLike)):
         paths = [paths]
     paths = [Path(p) for p in paths]
@@ -227,7 +229,7 @@ def read_corpus(paths: str | os.PathLike | Sequence[str | os.PathLike]) -> Corpu
         raise UserError("no corpus given: pass one or more text files or directories")
     files: list[Path] = []
     for path in paths:
-        if path.is_dir() and _is_prepared(path):
+        if path.is_dir() and is_prepared_dir(path):
             raise UserError(f"{path} holds prepared shards (mlmfast prepare), not text: pass it alone to "
                             "`mlmfast train --data` or `mlmfast eval --data`, or pass the text files")
         if path.is_dir():
@@ -249,14 +251,11 @@ def read_corpus(paths: str | os.PathLike | Sequence[str | os.PathLike]) -> Corpu
     return Corpus(docs, [str(f) for f in files], replaced)
 
 
-def _is_prepared(directory: Path) -> bool:
-    """A directory written by `mlmfast prepare` (token shards and a tokenizer, no text to read)."""
-    return (directory / "manifest.json").is_file() and (directory / "tokenizer").is_dir()
-
-
 def _walk(directory: Path) -> list[Path]:
     """Text files under `directory`, sorted by relative path; hidden files and directories, and directories of
     prepared shards (`mlmfast prepare` output), skipped."""
+    from mlmfast.prepare import is_prepared_dir
+
     found, seen = [], set()
     for root, dirs, names in os.walk(directory, followlinks=True):
         real = os.path.realpath(root)
@@ -264,7 +263,7 @@ def _walk(directory: Path) -> list[Path]:
             dirs[:] = []
             continue
         seen.add(real)
-        dirs[:] = [d for d in dirs if not d.startswith(".") and not _is_prepared(Path(root, d))]
+        dirs[:] = [d for d in dirs if not d.startswith(".") and not is_prepared_dir(Path(root, d))]
         found.extend(Path(root, n) for n in names if not n.startswith(".") and n.lower().endswith(TEXT_SUFFIXES))
     return sorted(found, key=lambda p: p.relative_to(directory).parts)
 

@@ -49,6 +49,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from mlmfast._io import atomic_write_json, sha256_file
 from mlmfast.data import TEXT_SUFFIXES, _jsonl_documents, _read_text, _text_documents, _walk
 from mlmfast.errors import UserError
 from mlmfast.tokenizer import MLMTokenizer
@@ -62,7 +63,6 @@ SPLITS = ("train", "val")
 BATCH_DOCS = 1000  # documents per tokenization task
 BATCH_CHARS = 1 << 22  # ... or fewer, when they hold this many characters
 TASKS_PER_WORKER = 4  # tokenization tasks in flight per worker: bounds the memory held in results
-HASH_CHUNK = 1 << 22  # bytes read at a time when hashing a shard
 MAX_OPEN_SHARDS = 64  # memmaps a dataset keeps open per process (each holds a file descriptor)
 CACHED_ROW_TABLES = 4  # pack=False: shards whose row table a dataset keeps per process
 _MASK64 = (1 << 64) - 1
@@ -157,7 +157,7 @@ def prepare_corpus(data: Sequence[str | os.PathLike], tokenizer_dir: str | os.Pa
             "replaced_chars": stats.replaced_chars,
             "splits": splits,
         }
-        _atomic_write_json(tmp / MANIFEST, manifest)
+        atomic_write_json(tmp / MANIFEST, manifest)
         _install(tmp, out, overwrite)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -420,16 +420,11 @@ class _ShardWriter:
                 "tokens": sum(s["tokens"] for s in self.shards), "shards": self.shards}
 
 
-def _atomic_write_json(path: Path, obj: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
-
-
 # ====================================================================== reading
 def is_prepared_dir(path: str | os.PathLike) -> bool:
-    """Whether `path` is a directory written by `prepare_corpus` (it holds manifest.json, written last)."""
-    return (Path(path) / MANIFEST).is_file()
+    """Whether `path` is a directory written by `prepare_corpus`: it holds manifest.json (written last) and the
+    tokenizer/ copy (token shards, no text to read)."""
+    return (Path(path) / MANIFEST).is_file() and (Path(path) / TOKENIZER_DIR).is_dir()
 
 
 class PreparedCorpus:
@@ -518,14 +513,10 @@ class PreparedCorpus:
 
 def _sha256_file(path: Path) -> str | None:
     """sha256 hex digest of a file's bytes; None if it cannot be read."""
-    sha = hashlib.sha256()
     try:
-        with open(path, "rb") as f:
-            while chunk := f.read(HASH_CHUNK):
-                sha.update(chunk)
+        return sha256_file(path)
     except OSError:
         return None
-    return sha.hexdigest()
 
 
 class PreparedDataset(Dataset):

@@ -17,12 +17,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 
+from mlmfast._io import atomic_write_text
 from mlmfast.errors import UserError
 
 # Role -> default token string; training puts them at ids 0..4 in this order.
@@ -185,10 +185,10 @@ class MLMTokenizer:
         config = {"tokenizer_class": "BertTokenizer", **_normalizer_flags(self._tok), **specials}
         if self.model_max_length is not None:
             config["model_max_length"] = int(self.model_max_length)
-        _atomic_write(directory / "tokenizer.json", self._tok.to_str(pretty=True))
-        _atomic_write(directory / "vocab.txt", "".join(t + "\n" for t in tokens))
-        _atomic_write(directory / "tokenizer_config.json", json.dumps(config, indent=2) + "\n")
-        _atomic_write(directory / "special_tokens_map.json", json.dumps(specials, indent=2) + "\n")
+        atomic_write_text(directory / "tokenizer.json", self._tok.to_str(pretty=True))
+        atomic_write_text(directory / "vocab.txt", "".join(t + "\n" for t in tokens))
+        atomic_write_text(directory / "tokenizer_config.json", json.dumps(config, indent=2) + "\n")
+        atomic_write_text(directory / "special_tokens_map.json", json.dumps(specials, indent=2) + "\n")
         return directory
 
     @classmethod
@@ -315,18 +315,3 @@ def _read_json(path: Path) -> dict:
     return data if isinstance(data, dict) else {}
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    """Write `text` to a temporary file in the same directory, then rename it over `path`."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise

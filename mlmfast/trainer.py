@@ -37,8 +37,9 @@ from typing import Any, Callable, Optional
 
 import torch
 
+from ._io import atomic_savefig, atomic_write_json, atomic_write_text, replace_dir
 from .checkpoint import (CKPT_PREFIX, STATE_FILE, checkpoint_dirs, latest_valid_checkpoint, save_checkpoint,
-                         verify_checkpoint, write_atomic_json)
+                         verify_checkpoint)
 from .config import PRESETS, ModelConfig
 from .errors import UserError
 
@@ -353,11 +354,7 @@ class MetricsLog:
         if truncate_after_step is not None and os.path.exists(path):
             # A resumed run rewrites what came after its checkpoint, so the log has no duplicate steps.
             rows = [r for r in self.rows() if r.get("step", 0) <= truncate_after_step]
-            tmp = f"{path}.tmp-{os.getpid()}"
-            with open(tmp, "w") as f:
-                for r in rows:
-                    f.write(json.dumps(r) + "\n")
-            os.replace(tmp, path)
+            atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
         elif truncate_after_step is None and os.path.exists(path):
             os.remove(path)
 
@@ -412,10 +409,8 @@ def plot_metrics(rows: list[dict[str, Any]], path: str, title: str = "") -> Opti
     if title:
         fig.suptitle(title)
     fig.tight_layout()
-    tmp = path + ".tmp.png"
-    fig.savefig(tmp, dpi=110)
+    atomic_savefig(fig, path, dpi=110)
     plt.close(fig)
-    os.replace(tmp, path)
     return path
 
 
@@ -627,7 +622,7 @@ def _train(cfg: TrainConfig, resume, log: Callable[[str], None], stop_after: Opt
         if not resume and checkpoint_dirs(run_dir):
             raise UserError(f"{run_dir} already holds a run; pass --resume auto to continue it or choose another "
                             "--out")
-        write_atomic_json(cfg_path, cfg.to_json())
+        atomic_write_json(cfg_path, cfg.to_json())
     env.barrier()
 
     if cfg.deterministic:
@@ -730,13 +725,7 @@ def _train(cfg: TrainConfig, resume, log: Callable[[str], None], stop_after: Opt
         path = ""
         if env.is_main:
             def write(tmp: str) -> None:
-                if model_state is None:
-                    core.save_pretrained(tmp, tokenizer=tokenizer)
-                else:
-                    with torch.device("meta"):
-                        plain = BertForMLM(core.config)
-                    plain.load_state_dict(model_state, assign=True)
-                    plain.save_pretrained(tmp, tokenizer=tokenizer)
+                _save_full_model(core, model_state, tmp, tokenizer)
                 torch.save({
                     "step": at_step, "optimizer": optim_state, "scheduler": scheduler.state_dict(),
                     "scaler": scaler.state_dict() if scaler is not None else None, "rng": rngs[0],
@@ -855,18 +844,8 @@ def _train(cfg: TrainConfig, resume, log: Callable[[str], None], stop_after: Opt
             for stale in glob.glob(glob.escape(model_dir) + ".tmp-*") + glob.glob(glob.escape(model_dir) + ".old-*"):
                 shutil.rmtree(stale, ignore_errors=True)  # left by a process killed while writing the model
             tmp = f"{model_dir}.tmp-{os.getpid()}"
-            if model_state is None:
-                core.save_pretrained(tmp, tokenizer=tokenizer)
-            else:
-                with torch.device("meta"):
-                    plain = BertForMLM(core.config)
-                plain.load_state_dict(model_state, assign=True)
-                plain.save_pretrained(tmp, tokenizer=tokenizer)
-            old = f"{model_dir}.old-{os.getpid()}"
-            if os.path.exists(model_dir):
-                os.replace(model_dir, old)
-            os.replace(tmp, model_dir)
-            shutil.rmtree(old, ignore_errors=True)
+            _save_full_model(core, model_state, tmp, tokenizer)
+            replace_dir(tmp, model_dir, aside=f"{model_dir}.old-{os.getpid()}")
         env.barrier()
     plot = None
     if metrics is not None:
@@ -875,6 +854,20 @@ def _train(cfg: TrainConfig, resume, log: Callable[[str], None], stop_after: Opt
     return TrainResult(run_dir=run_dir, model_dir=model_dir, plot=plot, steps=step, first_val=first_val,
                        last_val=last_val, seconds=seconds, tokens_per_s=tokens_seen / max(seconds, 1e-9),
                        train_losses=losses)
+
+
+def _save_full_model(core, full_state: Optional[dict[str, torch.Tensor]], directory: str, tokenizer) -> None:
+    """Rank 0: write the model in HF format. full_state None: `core` holds every weight (one process, DDP);
+    else the gathered FSDP2 state dict (`distributed.full_model_state`), loaded into a model built on "meta"."""
+    from .model import BertForMLM
+
+    if full_state is None:
+        core.save_pretrained(directory, tokenizer=tokenizer)
+        return
+    with torch.device("meta"):
+        plain = BertForMLM(core.config)
+    plain.load_state_dict(full_state, assign=True)
+    plain.save_pretrained(directory, tokenizer=tokenizer)
 
 
 def train_step(model, optimizer, scaler, micro_batches, path: str, clip_grad_norm: float,

@@ -1,0 +1,71 @@
+"""Small file helpers shared by the tokenizer, the trainer, checkpoints, prepared shards and the benchmark report:
+writes that a reader (or a killed process) never sees half done, and file checksums."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+HASH_CHUNK = 1 << 22  # bytes read at a time when hashing a file
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """Write `text` to a temporary file in the same directory, fsync it, then rename it over `path`."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
+def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
+    """`obj` as indented JSON (one trailing newline), written with `atomic_write_text`."""
+    atomic_write_text(path, json.dumps(obj, indent=2) + "\n")
+
+
+def atomic_savefig(fig, path: str | os.PathLike, dpi: int) -> None:
+    """Save a matplotlib figure as PNG under a temporary name, then rename it over `path`."""
+    path = os.fspath(path)
+    tmp = f"{path}.tmp-{os.getpid()}.png"
+    try:
+        fig.savefig(tmp, dpi=dpi)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    """sha256 hex digest of a file's bytes (OSError if it cannot be read)."""
+    sha = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(HASH_CHUNK):
+            sha.update(chunk)
+    return sha.hexdigest()
+
+
+def replace_dir(src: str | os.PathLike, dest: str | os.PathLike, aside: str | os.PathLike) -> None:
+    """Rename directory `src` to `dest`. An existing `dest` is first renamed to `aside` and deleted afterwards,
+    so at every moment `dest` is either the old directory, absent, or the new one (never a mix)."""
+    if os.path.exists(dest):
+        os.replace(dest, aside)
+        os.replace(src, dest)
+        shutil.rmtree(aside, ignore_errors=True)
+    else:
+        os.replace(src, dest)
