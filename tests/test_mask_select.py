@@ -16,6 +16,8 @@ import math
 import pytest
 import torch
 
+from _mlm_batches import MASK, VOCAB, binomial_ok, mlm_batch
+from _mlm_batches import SPECIAL as SPECIAL_IDS
 from mlmfast import dispatch, ops
 from mlmfast.errors import UserError
 from mlmfast.masking import IGNORE_INDEX, MaskingOutput, default_max_predictions, mask_tokens
@@ -55,29 +57,14 @@ TOL = {
     "stat_len": 128,  # row length (>= 100k eligible tokens in all)
     "min_eligible": 100_000,
 }
-PAD, UNK, CLS, SEP, MASK = 0, 1, 2, 3, 4
-SPECIAL = [PAD, UNK, CLS, SEP, MASK]
-VOCAB = 50
+SPECIAL = list(SPECIAL_IDS)  # a list: some tests extend it
 FIELDS = ("input_ids", "labels", "positions", "position_labels", "num_selected", "num_dropped")
 
 needs_ext = pytest.mark.skipif(ops.extension() is None, reason=f"mlmfast._C not built: {ops.extension_error()}")
 
 
 def _binomial_ok(count: int, n: int, p: float) -> bool:
-    sigma = math.sqrt(max(n * p * (1.0 - p), 1e-12))
-    return abs(count - n * p) <= TOL["sigmas"] * sigma
-
-
-def _batch(B: int, L: int, seed: int, dtype=torch.long):
-    """[CLS] w1 .. wn [SEP] [PAD]...: random non-special ids, random lengths; returns (ids, attention_mask)."""
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(len(SPECIAL), VOCAB, (B, L), generator=g)
-    lengths = torch.randint(max(1, L // 2), L + 1, (B,), generator=g)
-    attn = (torch.arange(L)[None, :] < lengths[:, None]).long()
-    ids[:, 0] = CLS
-    ids[torch.arange(B), lengths - 1] = SEP
-    ids[attn == 0] = PAD
-    return ids.to(dtype), attn
+    return binomial_ok(count, n, p, TOL["sigmas"])
 
 
 def _op_args(ids, attn=None, lengths=None, stm=None, wid=None, specials=SPECIAL, mask_id=MASK, vocab=VOCAB,
@@ -260,15 +247,15 @@ def test_capacity_keeps_lowest_positions(args):
 @pytest.mark.parametrize("B,L", [(1, 1), (1, 2), (3, 1), (2, 17), (1, 127), (2, 129), (2, 1500)])
 @pytest.mark.parametrize("mode", ["bernoulli", "exact"])
 def test_twins_awkward_shapes(B, L, mode):
-    ids, attn = _batch(B, L, seed=B * 1000 + L)
+    ids, attn = mlm_batch(B, L, seed=B * 1000 + L)
     for wid in (None, torch.arange(L).expand(B, L) // 3):
         args = _op_args(ids, attn, wid=wid, exact=mode == "exact", seed=L, offset=B)
         _assert_same(_run_cpp(*args), _run_torch(*args), (B, L, mode))
 
 
 @needs_ext
-def test_twins_many_special_ids_and_zero_batch():
-    ids, attn = _batch(4, 40, seed=3)
+def test_twins_many_special_ids_and_zeromlm_batch():
+    ids, attn = mlm_batch(4, 40, seed=3)
     specials = SPECIAL + list(range(10, 80))  # > 64: the op runs the PyTorch twin, same semantics
     out = ops.mask_select(ids, mask_token_id=MASK, vocab_size=VOCAB, special_token_ids=specials,
                           attention_mask=attn, seed=1)
@@ -284,7 +271,7 @@ def test_twins_many_special_ids_and_zero_batch():
 
 # ---- seed and offset ------------------------------------------------------------------------------------------
 def test_seed_offset_reproducible_and_fresh():
-    ids, attn = _batch(16, 64, seed=0)
+    ids, attn = mlm_batch(16, 64, seed=0)
     kw = dict(mask_token_id=MASK, vocab_size=VOCAB, special_token_ids=SPECIAL, attention_mask=attn)
     a = ops.mask_select(ids, seed=5, offset=0, **kw)
     _assert_same(a, ops.mask_select(ids, seed=5, offset=0, **kw))
@@ -355,7 +342,7 @@ def test_row_offset_halves_public_api(mode, whole_word, impl, monkeypatch):
     if impl == "torch":
         monkeypatch.setattr(ops, "_EXT_STATE", {"mod": None, "err": "ImportError: simulated"})
     for B, L in [(1, 1), (3, 17), (4, 129), (16, 40)]:
-        ids, attn = _batch(2 * B, L, seed=B * 100 + L)
+        ids, attn = mlm_batch(2 * B, L, seed=B * 100 + L)
         wid = (torch.arange(L).expand(2 * B, L) // 3).contiguous() if whole_word else None
         kw = dict(mask_token_id=MASK, vocab_size=VOCAB, special_token_ids=SPECIAL, mode=mode, seed=L + 3)
         top, bottom = slice(0, B), slice(B, 2 * B)
@@ -398,7 +385,7 @@ def test_row_offset_zero_keeps_the_old_bits():
 
 
 def test_row_offset_errors(monkeypatch):
-    ids, attn = _batch(4, 8, seed=0)
+    ids, attn = mlm_batch(4, 8, seed=0)
     kw = dict(mask_token_id=MASK, vocab_size=VOCAB, special_token_ids=SPECIAL, attention_mask=attn)
     for bad in (-1, 2**32 - 3, 2**32, 1.0, True, "1", None):
         with pytest.raises(UserError, match="row_offset"):
@@ -416,8 +403,8 @@ def test_row_offset_errors(monkeypatch):
 
 
 # ---- statistics: the twin behaves like the reference --------------------------------------------------------
-def _stat_batch():
-    ids, attn = _batch(TOL["stat_batch"], TOL["stat_len"], seed=11)
+def _statmlm_batch():
+    ids, attn = mlm_batch(TOL["stat_batch"], TOL["stat_len"], seed=11)
     n_elig = int(_eligible(ids, attn).sum())
     assert n_elig >= TOL["min_eligible"]
     return ids, attn, n_elig
@@ -425,7 +412,7 @@ def _stat_batch():
 
 @pytest.mark.parametrize("mode", ["bernoulli", "exact"])
 def test_statistics_match_reference(mode):
-    ids, attn, n_elig = _stat_batch()
+    ids, attn, n_elig = _statmlm_batch()
     kw = dict(mask_token_id=MASK, vocab_size=VOCAB, special_token_ids=SPECIAL, attention_mask=attn, mode=mode)
     twin = ops.mask_select(ids, seed=1, offset=3, **kw)
     ref = mask_tokens(ids, seed=1, backend="reference", **kw)
@@ -448,7 +435,7 @@ def test_statistics_match_reference(mode):
 
 
 def test_random_ids_uniform_and_positions_uniform():
-    ids, attn, n_elig = _stat_batch()
+    ids, attn, n_elig = _statmlm_batch()
     out = ops.mask_select(ids, mask_token_id=MASK, vocab_size=VOCAB, special_token_ids=SPECIAL, attention_mask=attn,
                           mlm_probability=0.5, mask_replace_prob=0.0, random_replace_prob=1.0, seed=3,
                           max_predictions=TOL["stat_len"])
@@ -468,7 +455,7 @@ def test_random_ids_uniform_and_positions_uniform():
 
 @pytest.mark.parametrize("mode", ["bernoulli", "exact"])
 def test_whole_word_statistics(mode):
-    ids, attn, _ = _stat_batch()
+    ids, attn, _ = _statmlm_batch()
     B, L = ids.shape
     g = torch.Generator().manual_seed(5)
     wid = ((torch.rand((B, L), generator=g) < 0.6).long().cumsum(1) - 1)  # words of ~1.7 pieces
@@ -503,7 +490,7 @@ def test_whole_word_statistics(mode):
 # ---- the public function, the op, the fallback -----------------------------------------------------------------
 @pytest.mark.parametrize("dtype", [torch.int32, torch.int64])
 def test_mask_select_api(dtype):
-    ids, attn = _batch(3, 33, seed=1, dtype=dtype)
+    ids, attn = mlm_batch(3, 33, seed=1, dtype=dtype)
     out = ops.mask_select(ids, mask_token_id=MASK, vocab_size=VOCAB, special_token_ids=torch.tensor(SPECIAL),
                           attention_mask=attn, seed=9)
     assert isinstance(out, MaskingOutput)
@@ -515,7 +502,7 @@ def test_mask_select_api(dtype):
 
 
 def test_mask_select_errors():
-    ids, attn = _batch(2, 8, seed=0)
+    ids, attn = mlm_batch(2, 8, seed=0)
     kw = dict(mask_token_id=MASK, vocab_size=VOCAB, special_token_ids=SPECIAL)
     bad = [
         (dict(input_ids=ids.float()), "input_ids"),
@@ -540,7 +527,7 @@ def test_mask_select_errors():
 
 
 def test_opcheck_and_compile():
-    ids, attn = _batch(3, 20, seed=2)
+    ids, attn = mlm_batch(3, 20, seed=2)
     wid = torch.arange(20).expand(3, 20) // 2
     args = _op_args(ids, attn, None, None, wid, exact=True, seed=4, offset=2)
     torch.library.opcheck(torch.ops.mlmfast.mask_select.default, args)
@@ -559,7 +546,7 @@ def test_opcheck_and_compile():
 
 
 def test_fallback_without_extension(monkeypatch):
-    ids, attn = _batch(4, 30, seed=8)
+    ids, attn = mlm_batch(4, 30, seed=8)
     kw = dict(mask_token_id=MASK, vocab_size=VOCAB, special_token_ids=SPECIAL, attention_mask=attn, seed=3,
               mode="exact")
     with_ext = ops.mask_select(ids, **kw)
@@ -573,7 +560,7 @@ def test_fallback_without_extension(monkeypatch):
 
 def test_mask_tokens_backends(monkeypatch):
     """mask_tokens(backend=...): auto = the kernel path when mlmfast._C is there, reference otherwise."""
-    ids, attn = _batch(6, 40, seed=4)
+    ids, attn = mlm_batch(6, 40, seed=4)
     kw = dict(special_token_ids=SPECIAL, attention_mask=attn, mode="exact")
     ref = mask_tokens(ids, MASK, VOCAB, seed=3, backend="reference", **kw)
     g = torch.Generator().manual_seed(3)
@@ -599,7 +586,7 @@ def test_mask_tokens_backends(monkeypatch):
 @needs_ext
 def test_mask_tokens_kernel_statistics():
     """The reference's own statistics checks, through mask_tokens(backend="kernel")."""
-    ids, attn, n_elig = _stat_batch()
+    ids, attn, n_elig = _statmlm_batch()
     out = mask_tokens(ids, MASK, VOCAB, special_token_ids=SPECIAL, attention_mask=attn, seed=8, backend="kernel",
                       mlm_probability=0.3)
     sel = out.labels != IGNORE_INDEX
@@ -641,7 +628,7 @@ def _cuda_kernel_or_fail():
 def test_cuda_equals_twin(cuda_device, B, L, mode, whole_word):
     _cuda_kernel_or_fail()
     for dtype in (torch.int64, torch.int32):
-        ids, attn = _batch(B, L, seed=L + B, dtype=dtype)
+        ids, attn = mlm_batch(B, L, seed=L + B, dtype=dtype)
         wid = (torch.arange(L).expand(B, L) // 3).contiguous() if whole_word else None
         for P in (default_max_predictions(L, 0.15), max(1, L // 50)):  # the default, and a capacity that overflows
             args = _op_args(ids, attn, None, None, wid, exact=mode == "exact", P=P, seed=L * 7 + 1, offset=B)
@@ -681,7 +668,7 @@ def test_cuda_row_offset_equals_twin(case):
 @pytest.mark.gpu
 def test_cuda_no_host_sync_and_graph_capture(cuda_device):
     _cuda_kernel_or_fail()
-    ids, attn = _batch(64, 128, seed=1)
+    ids, attn = mlm_batch(64, 128, seed=1)
     ids, attn = ids.to(cuda_device), attn.to(cuda_device)
     kw = dict(mask_token_id=MASK, vocab_size=VOCAB, special_token_ids=SPECIAL, attention_mask=attn, seed=3)
     ops.mask_select(ids, **kw)  # warm-up (lazy init may sync)

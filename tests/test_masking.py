@@ -2,11 +2,11 @@
 from __future__ import annotations
 
 import functools
-import math
 
 import pytest
 import torch
 
+from _mlm_batches import CLS, MASK, PAD, SEP, SPECIAL, VOCAB, binomial_ok, mlm_batch
 from mlmfast.errors import UserError
 from mlmfast.masking import (
     IGNORE_INDEX,
@@ -29,29 +29,11 @@ TOL = {
     "uniform_p": 0.5,  # selection rate of the uniformity test (more random draws per id)
 }
 
-PAD, UNK, CLS, SEP, MASK = 0, 1, 2, 3, 4  # BERT-like special ids at the front of the vocabulary
-SPECIAL = (PAD, UNK, CLS, SEP, MASK)
-VOCAB = 50  # small, so a random replacement hits the original id often enough to matter (1 / 45)
 N_ALLOWED = VOCAB - len(SPECIAL)
 
 
 def _binomial_ok(count: int, n: int, p: float) -> bool:
-    """count successes of n trials is within TOL["sigmas"] binomial sigmas of n * p."""
-    sigma = math.sqrt(max(n * p * (1.0 - p), 1e-12))
-    return abs(count - n * p) <= TOL["sigmas"] * sigma
-
-
-def _batch(B: int, L: int, seed: int, dtype=torch.long):
-    """[CLS] w1 .. wn [SEP] [PAD]...: random non-special ids, random lengths; returns (ids, attention_mask)."""
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(len(SPECIAL), VOCAB, (B, L), generator=g)
-    lengths = torch.randint(max(1, L // 2), L + 1, (B,), generator=g)
-    pos = torch.arange(L)[None, :]
-    attn = (pos < lengths[:, None]).long()
-    ids[:, 0] = CLS
-    ids[torch.arange(B), lengths - 1] = SEP
-    ids[attn == 0] = PAD
-    return ids.to(dtype), attn
+    return binomial_ok(count, n, p, TOL["sigmas"])
 
 
 def _check_consistent(out: MaskingOutput, ids: torch.Tensor, P: int) -> None:
@@ -96,7 +78,7 @@ def _check_words_whole(out: MaskingOutput, word_ids: torch.Tensor, eligible: tor
 @pytest.mark.parametrize("mode", ["bernoulli", "exact"])
 def test_selection_and_split_statistics(mode):
     B, L, p = TOL["stat_batch"], TOL["stat_len"], 0.15
-    ids, attn = _batch(B, L, seed=1)
+    ids, attn = mlm_batch(B, L, seed=1)
     eligible = (attn == 1) & ~torch.isin(ids, torch.tensor(SPECIAL))
     n_elig = int(eligible.sum())
     assert n_elig >= TOL["min_eligible"]
@@ -129,7 +111,7 @@ def test_selection_and_split_statistics(mode):
 
 def test_random_replacements_uniform_and_never_special():
     B, L = TOL["stat_batch"], TOL["stat_len"]
-    ids, attn = _batch(B, L, seed=2)
+    ids, attn = mlm_batch(B, L, seed=2)
     out = mask_tokens(ids, MASK, VOCAB, special_token_ids=SPECIAL, attention_mask=attn,
                       mlm_probability=TOL["uniform_p"], mask_replace_prob=0.0, random_replace_prob=1.0,
                       max_predictions=L, seed=7)
@@ -147,7 +129,7 @@ def test_random_replacements_uniform_and_never_special():
 @pytest.mark.parametrize("dtype", [torch.int32, torch.int64])
 @pytest.mark.parametrize("mode", ["bernoulli", "exact"])
 def test_special_padding_dtype_input_untouched(dtype, mode):
-    ids, attn = _batch(16, 33, seed=3, dtype=dtype)
+    ids, attn = mlm_batch(16, 33, seed=3, dtype=dtype)
     before = ids.clone()
     out = mask_tokens(ids, MASK, VOCAB, special_token_ids=SPECIAL, attention_mask=attn, mlm_probability=0.5,
                       mode=mode, seed=0)
@@ -161,7 +143,7 @@ def test_special_padding_dtype_input_untouched(dtype, mode):
 
 
 def test_special_tokens_mask_union_and_no_special_info():
-    ids, attn = _batch(8, 40, seed=4)
+    ids, attn = mlm_batch(8, 40, seed=4)
     stm = torch.zeros_like(ids)
     stm[:, 5:10] = 1  # extra positions marked special by the mask only
     out = mask_tokens(ids, MASK, VOCAB, special_token_ids=SPECIAL, special_tokens_mask=stm,
@@ -181,7 +163,7 @@ def test_special_tokens_mask_union_and_no_special_info():
 
 # ---- randomness -------------------------------------------------------------------------------------------
 def test_seed_and_generator():
-    ids, attn = _batch(8, 64, seed=5)
+    ids, attn = mlm_batch(8, 64, seed=5)
     kw = dict(special_token_ids=SPECIAL, attention_mask=attn, mlm_probability=0.3)
 
     def same(a: MaskingOutput, b: MaskingOutput) -> bool:
@@ -215,7 +197,7 @@ def test_default_max_predictions():
 
 @pytest.mark.parametrize("mode", ["bernoulli", "exact"])
 def test_overflow_keeps_lowest_positions(mode):
-    ids, attn = _batch(32, 50, seed=6)
+    ids, attn = mlm_batch(32, 50, seed=6)
     kw = dict(special_token_ids=SPECIAL, attention_mask=attn, mlm_probability=0.5, mode=mode, seed=9)
     full = mask_tokens(ids, MASK, VOCAB, max_predictions=50, **kw)
     P = 3
@@ -233,7 +215,7 @@ def test_overflow_keeps_lowest_positions(mode):
 
 
 def test_max_predictions_larger_than_len():
-    ids, attn = _batch(2, 5, seed=7)
+    ids, attn = mlm_batch(2, 5, seed=7)
     out = mask_tokens(ids, MASK, VOCAB, special_token_ids=SPECIAL, attention_mask=attn, max_predictions=9,
                       mlm_probability=0.9, seed=3)
     _check_consistent(out, ids, 9)
@@ -275,7 +257,7 @@ def test_whole_word_grouping(mode):
     assert out.num_selected.sum() > 0
 
     # A random word_ids tensor with padding and arbitrary ids.
-    ids, attn = _batch(64, 60, seed=8)
+    ids, attn = mlm_batch(64, 60, seed=8)
     wid = _random_word_ids(64, 60, seed=8)
     wid[attn == 0] = -1
     eligible = (attn == 1) & ~torch.isin(ids, torch.tensor(SPECIAL))
