@@ -431,21 +431,27 @@ def _is_model_dir(path: str) -> bool:
     return os.path.isfile(os.path.join(path, "config.json"))
 
 
-def prepare_tokenizer(cfg: TrainConfig, documents: list[str], run_dir: str, log: Callable[[str], None]):
-    """The run's tokenizer: the run's own (resume), --tokenizer, the --model directory's, or trained here."""
-    from .tokenizer import MLMTokenizer, train_tokenizer
+def prepare_tokenizer(cfg: TrainConfig, run_dir: str, fallback: Callable[[], Any],
+                      check: Optional[Callable[[Any], None]] = None):
+    """The run's tokenizer: the run's own (resume), --tokenizer, the --model directory's, or `fallback()` (a
+    tokenizer trained on the corpus, or the prepared shards' own). `check(tok)` runs before a new choice is saved
+    into RUN/tokenizer, so a rejected tokenizer never becomes the run's."""
+    from .tokenizer import MLMTokenizer
 
     own = os.path.join(run_dir, "tokenizer")
     if os.path.isfile(os.path.join(own, "tokenizer.json")):
-        return MLMTokenizer.load(own)
+        tok = MLMTokenizer.load(own)
+        if check is not None:
+            check(tok)
+        return tok
     if cfg.tokenizer:
         tok = MLMTokenizer.load(cfg.tokenizer)
     elif cfg.model not in PRESETS and _is_model_dir(cfg.model):
         tok = MLMTokenizer.load(cfg.model)
     else:
-        t0 = time.time()
-        tok = train_tokenizer(documents, vocab_size=cfg.vocab_size)
-        log(f"trained a WordPiece tokenizer: {tok.vocab_size} tokens in {time.time() - t0:.1f}s")
+        tok = fallback()
+    if check is not None:
+        check(tok)
     tok.save(own)
     return tok
 
@@ -460,25 +466,19 @@ def build_run_data(cfg: TrainConfig, run_dir: str, log: Callable[[str], None], e
     from .tokenizer import MLMTokenizer
 
     env = env or DistEnv()
-    own = os.path.join(run_dir, "tokenizer")
     t0 = time.time()
+
+    def run_tokenizer(fallback, check=None):  # rank 0 chooses (and saves) it, the others load what it saved
+        tok = prepare_tokenizer(cfg, run_dir, fallback, check) if env.is_main else None
+        env.barrier()
+        return tok if tok is not None else MLMTokenizer.load(os.path.join(run_dir, "tokenizer"))
+
     if len(cfg.data) == 1 and is_prepared_dir(cfg.data[0]):
         corpus = PreparedCorpus(cfg.data[0])
         if cfg.whole_word:
             raise UserError("--whole-word needs word boundaries, which prepared shards do not keep; train on the "
                             "text files instead, or drop --whole-word")
-        if os.path.isfile(os.path.join(own, "tokenizer.json")):
-            tok = MLMTokenizer.load(own)
-        elif cfg.tokenizer:
-            tok = MLMTokenizer.load(cfg.tokenizer)
-        elif cfg.model not in PRESETS and _is_model_dir(cfg.model):
-            tok = MLMTokenizer.load(cfg.model)
-        else:
-            tok = corpus.tokenizer()
-        corpus.check_tokenizer(tok)
-        if env.is_main and not os.path.isfile(os.path.join(own, "tokenizer.json")):
-            tok.save(own)
-        env.barrier()
+        tok = run_tokenizer(corpus.tokenizer, corpus.check_tokenizer)
         train_ds = corpus.dataset("train", seq_len=cfg.seq_len, pack=cfg.pack)
         val_ds = corpus.dataset("val", seq_len=cfg.seq_len, pack=cfg.pack)
         source = f"prepared shards in {cfg.data[0]}"
@@ -491,11 +491,16 @@ def build_run_data(cfg: TrainConfig, run_dir: str, log: Callable[[str], None], e
         bad = getattr(documents, "replaced_chars", 0)
         source = f"{source}: {len(documents)} documents" + \
             (f" ({bad} invalid UTF-8 sequence(s) replaced with U+FFFD)" if bad else "")
-        if env.is_main:
-            tok = prepare_tokenizer(cfg, documents, run_dir, log)
-        env.barrier()
-        if not env.is_main:
-            tok = MLMTokenizer.load(own)
+
+        def train_here():
+            from .tokenizer import train_tokenizer
+
+            t = time.time()
+            tok = train_tokenizer(documents, vocab_size=cfg.vocab_size)
+            log(f"trained a WordPiece tokenizer: {tok.vocab_size} tokens in {time.time() - t:.1f}s")
+            return tok
+
+        tok = run_tokenizer(train_here)
         train_ds, val_ds = build_datasets(documents, tok, seq_len=cfg.seq_len, pack=cfg.pack,
                                           val_fraction=cfg.val_fraction, seed=cfg.seed, whole_word=cfg.whole_word)
     log(f"data: {source} -> {len(train_ds):,} train rows, {len(val_ds):,} validation rows of {cfg.seq_len} tokens "
@@ -800,8 +805,7 @@ def _train(cfg: TrainConfig, resume, log: Callable[[str], None], stop_after: Opt
             bad_count.add_(bad_i)
             pending.append(loss_acc)  # stays on the device until the next log line: no per-step sync
             bar.update(1)
-            if step % check_every == 0 or step % cfg.log_every == 0 or step == end_step or \
-                    step % cfg.save_every == 0:
+            if step % check_every == 0 or step == end_step or step % cfg.save_every == 0:
                 check_bad_steps()
             if step % cfg.log_every == 0 or step == end_step:
                 window = env.all_reduce_sum_(torch.stack(pending)) / W
