@@ -6,8 +6,9 @@
 For each kernel x head dim x dtype x arch (and constexpr variant: plain, or key mask + dropout; every
 combination with --all-variants) it runs `triton.compile(ASTSource(...), target=GPUTarget("cuda", arch, 32))`
 with the launch configuration the host launcher would pick (`kernel_config`), then `ptxas -v` on the PTX for
-registers and spill bytes. Prints a Markdown table; exits 1 on a compile error, a register spill, or more
-shared memory than the arch allows. Works with triton 3.6 .. 3.9.
+registers and spill bytes, and which matrix instruction the dots became (wgmma / mma / none). Prints a Markdown
+table; exits 1 on a compile error, a register spill, more shared memory than the arch allows, or a 16-bit sm_90
+kernel without wgmma. Works with triton 3.6 .. 3.9 (3.6 is the GPU machine's: run it under both).
 
 TRITON_INTERPRET must not be set in this process (kernels would be interpreted objects, not compilable); if it
 is, the script re-executes itself without it.
@@ -42,12 +43,19 @@ class Result:
     regs: Optional[int] = None
     spill_bytes: Optional[int] = None
     smem: Optional[int] = None
+    mma: str = "-"  # the matrix instruction in the PTX: wgmma (Hopper), mma (sm_80 style), or none
     seconds: float = 0.0
     error: Optional[str] = None
 
+    def needs_wgmma(self) -> bool:
+        """16-bit matrix kernels on sm_90 must use warpgroup MMA: the sm_80 instruction caps them far below
+        Hopper's peak (a config with BLOCK_M < 64 per warpgroup silently falls back to it)."""
+        return self.arch >= 90 and self.dtype in ("fp16", "bf16") and self.kernel != "pre"
+
     def ok(self) -> bool:
         return (self.error is None and not self.spill_bytes
-                and (self.smem or 0) <= SMEM_LIMIT.get(self.arch, min(SMEM_LIMIT.values())))
+                and (self.smem or 0) <= SMEM_LIMIT.get(self.arch, min(SMEM_LIMIT.values()))
+                and not (self.needs_wgmma() and self.mma != "wgmma"))
 
 
 def _specs(head_dim: int, dtype_name: str, arch: int, variants: list[tuple[bool, bool]]):
@@ -253,22 +261,34 @@ def _run_job(i: int) -> Result:
         compiled = _compile(fn, sig, cx, opts, arch)
         r.smem = int(compiled.metadata.shared)
         r.regs, r.spill_bytes = _ptxas_usage(compiled.asm["ptx"], arch)
+        r.mma = _mma_kind(compiled.asm["ptx"])
     except Exception as exc:  # report every failure, keep going
         r.error = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"[:300]
     r.seconds = time.perf_counter() - t0
     return r
 
 
-_HEADER = ("| kernel | D | dtype | sm | variant | config | regs | spill B | smem B | s | status |\n"
-           "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+def _mma_kind(ptx: str) -> str:
+    """Which tensor-core instruction the kernel's dots became: 'wgmma' (sm_90 warpgroup MMA, what Hopper needs
+    for full speed), 'mma' (the sm_80 warp-level instruction), or 'none' (FMA loops)."""
+    if "wgmma.mma_async" in ptx:
+        return "wgmma"
+    if re.search(r"\bmma\.sync", ptx):
+        return "mma"
+    return "none"
+
+
+_HEADER = ("| kernel | D | dtype | sm | variant | config | regs | spill B | smem B | mma | s | status |\n"
+           "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
 
 
 def _row(r: Result) -> str:
     status = "ok" if r.ok() else ("ERROR " + r.error if r.error else
-                                  "SPILL" if r.spill_bytes else "SMEM > limit")
+                                  "SPILL" if r.spill_bytes else
+                                  "NO WGMMA" if r.needs_wgmma() and r.mma != "wgmma" else "SMEM > limit")
     return (f"| {r.kernel} | {r.head_dim or '-'} | {r.dtype} | {r.arch} | {r.variant} | {r.config} | "
             f"{r.regs if r.regs is not None else '-'} | {r.spill_bytes if r.spill_bytes is not None else '-'} | "
-            f"{r.smem if r.smem is not None else '-'} | {r.seconds:.1f} | {status} |")
+            f"{r.smem if r.smem is not None else '-'} | {r.mma} | {r.seconds:.1f} | {status} |")
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -297,7 +317,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         print("\n" + _HEADER)
         for r in bad:
             print(_row(r))
-        print(f"\nFAILED: {len(bad)} of {len(results)} kernels (compile error, spill, or shared memory over limit)")
+        print(f"\nFAILED: {len(bad)} of {len(results)} kernels (compile error, spill, shared memory over limit, or a "
+              "16-bit sm_90 kernel without wgmma)")
         return 1
     print(f"\nOK: {len(results)} kernels compiled without spills")
     return 0

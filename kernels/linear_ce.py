@@ -275,8 +275,9 @@ class KernelConfig:
     num_stages: int
 
 
-# (kernel, 16-bit inputs?, arch major >= 9) -> config. Chosen so that nothing spills on sm_80 / sm_90
-# (`python -m mlmfast.kernels.compile_check`); tune on a GPU. fp32 runs true fp32 dots (no tensor cores).
+# (kernel, 16-bit inputs?, arch major >= 9) -> config. Chosen so that nothing spills on sm_80 / sm_90 with
+# triton 3.9 and 3.6 (`python -m mlmfast.kernels.compile_check`); tune on a GPU. fp32 runs true fp32 dots (no
+# tensor cores).
 _CONFIGS: dict[tuple[str, bool, bool], KernelConfig] = {}
 KINDS = ("fwd", "dlogits", "dx", "dw")
 
@@ -289,7 +290,8 @@ def _fill_configs() -> None:
             _CONFIGS[kind, False, hopper] = KernelConfig(64, 64, 32, 4, 2)
         _CONFIGS["dw", True, hopper] = KernelConfig(128, 64, 64, 8, 3)  # 128 x 128 spills (fp32 acc + A^T)
         _CONFIGS["dw", False, hopper] = KernelConfig(64, 64, 32, 4, 2) if hopper else KernelConfig(32, 32, 32, 4, 1)
-    _CONFIGS["fwd", False, False] = KernelConfig(64, 64, 32, 8, 2)  # sm_80 fp32: 4 warps spill
+    # sm_80 fp32: 4 warps spill; so does BLOCK_K 32 with triton 3.6 (the GPU image's; it stops at 128 registers)
+    _CONFIGS["fwd", False, False] = KernelConfig(64, 64, 16, 8, 2)
 
 
 _fill_configs()
