@@ -10,7 +10,8 @@
 # Files in OUT_DIR (flat, 7): nvidia-smi.txt install.log pytest_gpu.log bench.log results.json results.md results.png
 # Environment: GPU_CHECK_SECONDS (total budget, default 465), PYTHON (default python3), MLMFAST_GIT_COMMIT (the
 # commit to record where the copy has no .git), GPU_CHECK_TESTS=0 (skip the GPU tests), GPU_CHECK_BENCH_ARGS
-# (extra arguments for the benchmark, after the defaults, so they win; e.g. "--suite train --seq-lens 512").
+# (extra arguments for the benchmark, after the defaults, so they win; e.g. "--suite train --seq-lens 512"),
+# GPU_CHECK_TEST_WORKERS (pytest-xdist processes for the GPU tests when xdist is installed; default 8, 0 = one).
 # Needs on the machine: torch, triton, transformers, numpy, pybind11, setuptools, pytest, matplotlib; nvcc to build
 # the CUDA part of mlmfast._C (without it the benchmark runs mask_select's PyTorch twin and says so).
 set -euo pipefail
@@ -59,7 +60,13 @@ elif [ "$t_tests" -lt 20 ]; then
   echo "not run: no time left" >"$OUT/pytest_gpu.log"
   tests="not run (no time left)"
 else
-  if [ "$DRY" = 1 ]; then args=(-m gpu --collect-only -q); else args=(-m gpu -q -rfEs); fi
+  if [ "$DRY" = 1 ]; then args=(-m gpu --collect-only -q); else args=(-m gpu -q -rfEs --durations=15); fi
+  # Most of the GPU tests' time is Triton / inductor compilation, one CPU core each: spread the tests over
+  # worker processes (pytest-xdist, in the GPU image) sharing the GPU. GPU_CHECK_TEST_WORKERS=0: one process.
+  workers=${GPU_CHECK_TEST_WORKERS:-8}
+  if [ "$DRY" != 1 ] && [ "$workers" -gt 0 ] && "$PY" -c "import xdist" >/dev/null 2>&1; then
+    args+=(-n "$workers")
+  fi
   set +e
   timeout -k 10 "$t_tests" "$PY" -m pytest "${args[@]}" -p no:cacheprovider >"$OUT/pytest_gpu.log" 2>&1
   rc=$?
