@@ -362,6 +362,32 @@ def test_gpu_fast_step_has_no_host_sync_and_compiles_fullgraph(cuda_device):
     assert torch.isfinite(loss)
 
 
+@pytest.mark.parametrize("which", ["bertformlm", "hf-bert", "hf-roberta"])
+def test_fast_model_compiles_fullgraph_on_cpu(which):
+    """The whole fast step traces into one graph (no graph break: the GPU test's fullgraph compile of the same
+    Python would fail on one) and the compiled loss and every gradient equal eager's. aot_eager: dynamo + AOT
+    autograd, no code generation, so CI stays fast. Padding, a row with no label, an all-padding row."""
+    if which == "bertformlm":
+        torch.manual_seed(3)
+        model = BertForMLM(tiny_config()).set_path("fast")
+        ids, am, labels = batch(4, 33)
+    else:
+        model = mlmfast.accelerate(hf_model(which.split("-")[1]))
+        ids, am, labels = hf_batch(model, 3, 33, all_pad_row=True)
+    inputs = dict(input_ids=ids, attention_mask=am, labels=labels)
+    ref = run(model, **inputs)
+    torch._dynamo.reset()
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    try:
+        model.zero_grad(set_to_none=True)
+        loss = compiled(**inputs).loss
+        loss.backward()
+    finally:
+        torch._dynamo.reset()
+    got = loss.detach(), {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+    assert_same(got, ref)
+
+
 # ---- unpadding (CPU, backend "auto") ---------------------------------------------------------------------------
 @pytest.mark.parametrize("B,L", [(4, 17), (3, 127), (5, 129), (2, 1)])
 def test_unpadded_layers_match_reference(B, L, monkeypatch):
