@@ -206,24 +206,92 @@ def _targets(rows: list[dict]) -> str:
     return "\n".join(lines) if len(lines) > 2 else ""
 
 
-def sweep(args) -> None:
-    """Time each candidate launch config of each kernel at the first L / D given; print the fastest."""
+SWEEP_CANDIDATES = [(bm, bn, w, st) for bm in (64, 128) for bn in (32, 64, 128) for w in (4, 8) for st in (2, 3)]
+
+
+def _with_config(K, kind: str, cfg):
+    """kernel_config patched so that kernel `kind` launches with cfg (the others keep the table's)."""
+    orig = K.kernel_config
+    K.kernel_config = lambda kd, *a, **kw: cfg if kd == kind else orig(kd, *a, **kw)
+    return orig
+
+
+def _sweep_inputs(B: int, H: int, L: int, D: int, dtype: torch.dtype, device: str):
+    q, k, v = (torch.randn(B, H, L, D, device=device, dtype=dtype, requires_grad=True) for _ in range(3))
+    return q, k, v, torch.randn_like(q)
+
+
+def _warm_one(job: tuple) -> Optional[str]:
+    """In a worker process: run one candidate once so that Triton compiles it into its on-disk cache (the sweep's
+    process then loads it instead of compiling). Same shapes and dtypes as the sweep, hence the same
+    specialisation and cache key. Returns None, or the error."""
+    kind, cand, (B, H, L, D), dtype_name, device = job
+    import mlmfast.kernels.attention as K
+    from mlmfast.attention import attention
+
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype_name]
+    orig = _with_config(K, kind, K.KernelConfig(*cand))
+    try:
+        q, k, v, do = _sweep_inputs(B, H, L, D, dtype, device)
+        out = attention(q, k, v)
+        if kind != "fwd":
+            out.backward(do)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        return None
+    except Exception as exc:  # a candidate that does not compile is reported by the sweep itself
+        return f"{type(exc).__name__}: {str(exc).strip()[:200]}"
+    finally:
+        K.kernel_config = orig
+
+
+def warm_cache(jobs: list[tuple], workers: int) -> dict:
+    """Compile the sweep's candidates in `workers` processes at once (spawned: each has its own CUDA context),
+    since compiling, one core per kernel, is most of a sweep's time. {job index: error} for those that failed;
+    a pool that cannot start is reported and the sweep compiles as it goes."""
+    import concurrent.futures
+    import multiprocessing
+
+    from benchmarks import bench_attention as this  # picklable by module name in the spawned workers
+
+    errors = {}
+    try:
+        ctx = multiprocessing.get_context("spawn")
+        with concurrent.futures.ProcessPoolExecutor(workers, mp_context=ctx) as pool:
+            for i, err in enumerate(pool.map(this._warm_one, jobs)):
+                if err:
+                    errors[i] = err
+    except Exception as exc:
+        print(f"sweep: parallel compile unavailable ({type(exc).__name__}: {exc}); compiling in the sweep")
+    return errors
+
+
+def sweep(args) -> list[dict]:
+    """Time each candidate launch config of each kernel at the first L / D given; print the fastest. Candidates
+    are compiled first in parallel processes (`--jobs`); timings: do_bench medians, the same inputs for all."""
+    import time
+
     import mlmfast.kernels.attention as K
     from mlmfast.attention import attention
 
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
     D, L = args.D[0], args.L[0]
     H, B = max(1, args.hidden // D), max(1, args.tokens // L)
-    q, k, v = (torch.randn(B, H, L, D, device="cuda", dtype=dtype, requires_grad=True) for _ in range(3))
-    do = torch.randn_like(q)
+    kinds = ("fwd", "dkdv", "dq")
+    t0 = time.perf_counter()
+    if args.jobs > 1:
+        jobs = [(kind, c, (B, H, L, D), args.dtype, "cuda") for kind in kinds for c in SWEEP_CANDIDATES]
+        errors = warm_cache(jobs, args.jobs)
+        print(f"sweep: compiled {len(jobs)} candidates in {time.perf_counter() - t0:.0f} s on {args.jobs} processes"
+              f" ({len(errors)} failed)", flush=True)
+    q, k, v, do = _sweep_inputs(B, H, L, D, dtype, "cuda")
     flops = _flops_fwd(H, D, [L] * B)
-    cands = [K.KernelConfig(bm, bn, w, s) for bm in (64, 128) for bn in (32, 64, 128)
-             for w in (4, 8) for s in (2, 3)]  # 24 per kernel: ~3 min of compiling on a 16-core GPU host
-    orig = K.kernel_config
-    for kind in ("fwd", "dkdv", "dq"):
+    rows = []
+    for kind in kinds:
         results = []
-        for c in cands:
-            K.kernel_config = lambda kd, *a, c=c, kind=kind, **kw: c if kd == kind else orig(kd, *a, **kw)
+        for cand in SWEEP_CANDIDATES:
+            c = K.KernelConfig(*cand)
+            orig = _with_config(K, kind, c)
             try:
                 if kind == "fwd":
                     ms = _bench_cuda(lambda: attention(q, k, v))[0]
@@ -232,14 +300,19 @@ def sweep(args) -> None:
                     ms = _bench_cuda(lambda: attention(q, k, v).backward(do), grad_to_none=[q, k, v])[0]
                     tf = 3.5 * flops / (ms * 1e-3) / 1e12
                 results.append((ms, c))
+                rows.append(dict(kind=kind, config=list(cand), ms=ms, tflops=tf, L=L, D=D, B=B, H=H,
+                                 dtype=args.dtype, timed="fwd" if kind == "fwd" else "fwd+bwd"))
                 print(f"{kind} {c}: {ms:.3f} ms ({tf:.1f} TFLOP/s{' fwd+bwd' if kind != 'fwd' else ''})", flush=True)
             except Exception as exc:
+                rows.append(dict(kind=kind, config=list(cand), error=f"{type(exc).__name__}: {exc}"[:300]))
                 print(f"{kind} {c}: failed ({type(exc).__name__})", flush=True)
             finally:
                 K.kernel_config = orig
         if results:
             best = min(results, key=lambda t: t[0])
             print(f"BEST {kind} D={D} L={L} {args.dtype}: {best[1]} {best[0]:.3f} ms")
+    print(f"sweep: {time.perf_counter() - t0:.0f} s in all")
+    return rows
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -254,6 +327,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--providers", nargs="*", default=None, help="subset of mlmfast sdpa eager flash-attn")
     ap.add_argument("--eager-max-bytes", type=float, default=16e9, help="skip eager when B*H*L*L*4 exceeds this")
     ap.add_argument("--sweep", action="store_true", help="time launch configs of each kernel (GPU)")
+    ap.add_argument("--jobs", type=int, default=min(16, os.cpu_count() or 1),
+                    help="--sweep: compile the candidates in this many processes first (1: as it goes)")
     ap.add_argument("--cpu-reference", action="store_true",
                     help="on CPU: time only eager and SDPA at the given (small) L; the kernel needs a GPU")
     ap.add_argument("--out", default=None, help="write the rows as JSON here")
@@ -267,13 +342,15 @@ def main(argv: Optional[list[str]] = None) -> int:
         if not torch.cuda.is_available():
             print("--sweep needs a GPU")
             return 1
-        sweep(args)
-        return 0
-    rows = run(args)
+        rows = sweep(args)
+    else:
+        rows = run(args)
     if args.out:
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
         with open(args.out, "w") as f:
             json.dump(rows, f, indent=1)
+    if args.sweep:
+        return 0
     print()
     t = _targets(rows)
     if t:

@@ -141,3 +141,20 @@ def test_interrupted_run_lists_what_it_did_not_reach():
                    ("train", "full", "hf-eager"): "skipped", ("train", "full", "hf-sdpa"): "skipped",
                    ("ops", "real", "masking"): "skipped", ("ops", "full", "masking"): "skipped"}
     assert all(r["reason"] == "stop" for r in rows[1:])
+
+
+def test_attention_sweep_compiles_candidates_in_worker_processes():
+    """bench_attention --sweep compiles its candidates in spawned worker processes first. The workers' plumbing
+    (spawn, pickling by module name, the config patch, fwd / fwd+bwd per kernel) runs here under the Triton
+    interpreter on tiny shapes; a candidate that cannot run comes back as that job's error, not an exception."""
+    import os
+
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.fail("this test runs the kernels under TRITON_INTERPRET=1 (set by conftest on a machine without a GPU)")
+    ba = _bench("bench_attention")
+    good = [(kind, (16, 16, 4, 1), (1, 2, 19, 16), "fp32", "cpu") for kind in ("fwd", "dkdv", "dq")]
+    bad = ("fwd", (16, 24, 4, 1), (1, 2, 19, 16), "fp32", "cpu")  # BLOCK_N 24: tl.arange needs a power of two
+    errors = ba.warm_cache(good + [bad], workers=2)
+    assert set(errors) == {3}, errors
+    assert "power of 2" in errors[3] or "power of two" in errors[3], errors[3]
+    assert len(ba.SWEEP_CANDIDATES) == 24 and len(set(ba.SWEEP_CANDIDATES)) == 24
