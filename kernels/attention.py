@@ -157,6 +157,39 @@ def _dropout_keep(
 
 
 @triton.jit
+def _program_rows(
+    BOUNDS, KMASK, SEED,  # see _attn_fwd_kernel
+    H, L,  # number of heads, sequence length
+    BLOCK: tl.constexpr,  # positions this program owns (query rows for fwd / dq, keys for dkdv)
+    BLOCK_D: tl.constexpr, HAS_MASK: tl.constexpr, DROPOUT: tl.constexpr,
+):
+    # The program prologue of all three attention kernels. The 1-D grid (no 65535 limit on B * H) gives the
+    # program positions [start, start + BLOCK) of head (b, h); a head's blocks run together. Returns b, h, bh,
+    # start, offs [BLOCK], offs_d [BLOCK_D], kmask_base, ok [BLOCK] (the owned positions that are kept), the range
+    # [other_lo, other_hi) of the other side to visit (empty when no owned position is kept), the dropout seed
+    # and n_groups = cdiv(L, 8) (see _dropout_keep).
+    n_blocks = tl.cdiv(L, BLOCK)
+    start = (tl.program_id(0) % n_blocks) * BLOCK
+    bh = tl.program_id(0) // n_blocks
+    b = bh // H
+    h = bh % H
+    lo = tl.load(BOUNDS + 2 * b)
+    hi = tl.load(BOUNDS + 2 * b + 1)
+    offs = start + tl.arange(0, BLOCK)
+    offs_d = tl.arange(0, BLOCK_D)
+    kmask_base = KMASK + b.to(tl.int64) * L
+    ok = _keep(offs, lo, hi, kmask_base, HAS_MASK)
+    skip = (start >= hi) | (start + BLOCK <= lo)
+    other_lo = tl.where(skip, 0, lo)
+    other_hi = tl.where(skip, 0, hi)
+    seed = 0
+    if DROPOUT:
+        seed = tl.load(SEED)
+    n_groups = (L + 7) // 8
+    return b, h, bh, start, offs, offs_d, kmask_base, ok, other_lo, other_hi, seed, n_groups
+
+
+@triton.jit
 def _attn_fwd_inner(
     acc, l_i, m_i,  # running state: [BLOCK_M, BLOCK_D] fp32, [BLOCK_M] fp32, [BLOCK_M] fp32 (base 2)
     q,  # [BLOCK_M, BLOCK_D] query tile
@@ -221,36 +254,20 @@ def _attn_fwd_kernel(
     DROPOUT: tl.constexpr,  # p_drop > 0
     DOT_PREC: tl.constexpr,  # tl.dot input precision for fp32 inputs: "ieee" or "tf32"
 ):
-    # 1. The program owns query rows [start_m, start_m + BLOCK_M) of (b, h).
-    n_blocks = tl.cdiv(L, BLOCK_M)  # 1-D grid (no 65535 limit on B * H); a head's blocks run together
-    start_m = (tl.program_id(0) % n_blocks) * BLOCK_M
-    bh = tl.program_id(0) // n_blocks
-    b = bh // H
-    h = bh % H
-    lo = tl.load(BOUNDS + 2 * b)
-    hi = tl.load(BOUNDS + 2 * b + 1)
-    offs_m = start_m + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
+    # 1. The program owns query rows [start_m, start_m + BLOCK_M) of (b, h); a query block with no kept row
+    #    visits no key block ([kv_lo, kv_hi) is empty).
+    b, h, bh, start_m, offs_m, offs_d, kmask_base, q_ok, kv_lo, kv_hi, seed, n_groups = _program_rows(
+        BOUNDS, KMASK, SEED, H, L, BLOCK_M, BLOCK_D, HAS_MASK, DROPOUT)
     k_base = K + b.to(tl.int64) * stride_kb + h.to(tl.int64) * stride_kh
     v_base = V + b.to(tl.int64) * stride_vb + h.to(tl.int64) * stride_vh
-    kmask_base = KMASK + b.to(tl.int64) * L
-    q_ok = _keep(offs_m, lo, hi, kmask_base, HAS_MASK)
-    # 2. A query block with no kept row visits no key block.
-    skip = (start_m >= hi) | (start_m + BLOCK_M <= lo)
-    kv_lo = tl.where(skip, 0, lo)
-    kv_hi = tl.where(skip, 0, hi)
-    seed = 0
-    if DROPOUT:
-        seed = tl.load(SEED)
-    n_groups = (L + 7) // 8
-    # 3. Running state of the online softmax (m starts finite: see _attn_fwd_inner (b)).
+    # 2. Running state of the online softmax (m starts finite: see _attn_fwd_inner (b)).
     m_i = tl.zeros([BLOCK_M], dtype=tl.float32) - 1.0e30
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     q = _load_rows(Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
                    + offs_m[:, None] * stride_ql + offs_d[None, :], q_ok, offs_d, HEAD_DIM, BLOCK_D, True)
     qk_scale = sm_scale * 1.4426950408889634
-    # 4. Key blocks: the partial first block (masked), full blocks (unmasked unless HAS_MASK), the partial last
+    # 3. Key blocks: the partial first block (masked), full blocks (unmasked unless HAS_MASK), the partial last
     #    block (masked). Blocks outside [kv_lo, kv_hi) are never visited.
     first, full_lo, full_hi = _block_ranges(kv_lo, kv_hi, BLOCK_N)
     acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kl, stride_vl, kmask_base,
@@ -265,7 +282,7 @@ def _attn_fwd_kernel(
                                     offs_m, offs_d, full_hi, kv_hi, kv_lo, kv_hi, qk_scale,
                                     seed, bh, n_groups, p_thresh,
                                     HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, True, HAS_MASK, DROPOUT, DOT_PREC)
-    # 5. Normalise; padded query rows get O = 0 and LSE = +inf.
+    # 4. Normalise; padded query rows get O = 0 and LSE = +inf.
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
     o = tl.where(q_ok[:, None], acc * (drop_scale / l_safe)[:, None], 0.0)
     lse = tl.where(q_ok, (m_i + tl.log2(l_safe)) * 0.6931471805599453, float("inf"))
@@ -377,26 +394,10 @@ def _attn_bwd_dkdv_kernel(
     BLOCK_N: tl.constexpr,  # keys per program
     HAS_MASK: tl.constexpr, DROPOUT: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
-    # 1. The program owns keys [start_n, start_n + BLOCK_N) of (b, h).
-    n_blocks = tl.cdiv(L, BLOCK_N)  # 1-D grid (no 65535 limit on B * H); a head's blocks run together
-    start_n = (tl.program_id(0) % n_blocks) * BLOCK_N
-    bh = tl.program_id(0) // n_blocks
-    b = bh // H
-    h = bh % H
-    lo = tl.load(BOUNDS + 2 * b)
-    hi = tl.load(BOUNDS + 2 * b + 1)
-    offs_n = start_n + tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    kmask_base = KMASK + b.to(tl.int64) * L
-    k_ok = _keep(offs_n, lo, hi, kmask_base, HAS_MASK)
-    # 2. A key block with no kept key visits no query block (its dK, dV are 0).
-    skip = (start_n >= hi) | (start_n + BLOCK_N <= lo)
-    q_lo = tl.where(skip, 0, lo)
-    q_hi = tl.where(skip, 0, hi)
-    seed = 0
-    if DROPOUT:
-        seed = tl.load(SEED)
-    n_groups = (L + 7) // 8
+    # 1. The program owns keys [start_n, start_n + BLOCK_N) of (b, h); a key block with no kept key visits no
+    #    query block ([q_lo, q_hi) is empty; its dK, dV are 0).
+    b, h, bh, start_n, offs_n, offs_d, kmask_base, k_ok, q_lo, q_hi, seed, n_groups = _program_rows(
+        BOUNDS, KMASK, SEED, H, L, BLOCK_N, BLOCK_D, HAS_MASK, DROPOUT)
     k = _load_rows(K + b.to(tl.int64) * stride_kb + h.to(tl.int64) * stride_kh
                    + offs_n[:, None] * stride_kl + offs_d[None, :], k_ok, offs_d, HEAD_DIM, BLOCK_D, True)
     v = _load_rows(V + b.to(tl.int64) * stride_vb + h.to(tl.int64) * stride_vh
@@ -408,7 +409,7 @@ def _attn_bwd_dkdv_kernel(
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     qk_scale = sm_scale * 1.4426950408889634
-    # 3. Query blocks: partial first (masked), full (unmasked unless HAS_MASK), partial last (masked).
+    # 2. Query blocks: partial first (masked), full (unmasked unless HAS_MASK), partial last (masked).
     first, full_lo, full_hi = _block_ranges(q_lo, q_hi, BLOCK_M)
     dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, stride_ql, stride_dol, lse_base, delta_base,
                                   kmask_base, start_n, offs_d, first, full_lo, q_lo, q_hi, qk_scale, drop_scale,
@@ -422,7 +423,7 @@ def _attn_bwd_dkdv_kernel(
                                   kmask_base, start_n, offs_d, full_hi, q_hi, q_lo, q_hi, qk_scale, drop_scale,
                                   seed, bh, n_groups, p_thresh,
                                   HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, True, HAS_MASK, DROPOUT, DOT_PREC)
-    # 4. Padded keys get exactly 0 (their rows were not masked inside the loop).
+    # 3. Padded keys get exactly 0 (their rows were not masked inside the loop).
     dk = tl.where(k_ok[:, None], dk * sm_scale, 0.0)
     dv = tl.where(k_ok[:, None], dv, 0.0)
     _store_rows(DK + b.to(tl.int64) * stride_dkb + h.to(tl.int64) * stride_dkh
@@ -493,26 +494,10 @@ def _attn_bwd_dq_kernel(
     BLOCK_N: tl.constexpr,  # keys per inner step
     HAS_MASK: tl.constexpr, DROPOUT: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
-    # 1. The program owns query rows [start_m, start_m + BLOCK_M) of (b, h); padded rows are not read.
-    n_blocks = tl.cdiv(L, BLOCK_M)  # 1-D grid (no 65535 limit on B * H); a head's blocks run together
-    start_m = (tl.program_id(0) % n_blocks) * BLOCK_M
-    bh = tl.program_id(0) // n_blocks
-    b = bh // H
-    h = bh % H
-    lo = tl.load(BOUNDS + 2 * b)
-    hi = tl.load(BOUNDS + 2 * b + 1)
-    offs_m = start_m + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    kmask_base = KMASK + b.to(tl.int64) * L
-    q_ok = _keep(offs_m, lo, hi, kmask_base, HAS_MASK)
-    # 2. A query block with no kept row visits no key block.
-    skip = (start_m >= hi) | (start_m + BLOCK_M <= lo)
-    kv_lo = tl.where(skip, 0, lo)
-    kv_hi = tl.where(skip, 0, hi)
-    seed = 0
-    if DROPOUT:
-        seed = tl.load(SEED)
-    n_groups = (L + 7) // 8
+    # 1. The program owns query rows [start_m, start_m + BLOCK_M) of (b, h) (padded rows are not read); a query
+    #    block with no kept row visits no key block.
+    b, h, bh, start_m, offs_m, offs_d, kmask_base, q_ok, kv_lo, kv_hi, seed, n_groups = _program_rows(
+        BOUNDS, KMASK, SEED, H, L, BLOCK_M, BLOCK_D, HAS_MASK, DROPOUT)
     q = _load_rows(Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
                    + offs_m[:, None] * stride_ql + offs_d[None, :], q_ok, offs_d, HEAD_DIM, BLOCK_D, True)
     do = _load_rows(DO + b.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh
@@ -523,7 +508,7 @@ def _attn_bwd_dq_kernel(
     v_base = V + b.to(tl.int64) * stride_vb + h.to(tl.int64) * stride_vh
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     qk_scale = sm_scale * 1.4426950408889634
-    # 3. Key blocks, split as in the forward.
+    # 2. Key blocks, split as in the forward.
     first, full_lo, full_hi = _block_ranges(kv_lo, kv_hi, BLOCK_N)
     dq = _attn_bwd_dq_inner(dq, q, do, lse2, delta, k_base, v_base, stride_kl, stride_vl, kmask_base,
                             offs_m, offs_d, first, full_lo, kv_lo, kv_hi, qk_scale, drop_scale,
@@ -537,7 +522,7 @@ def _attn_bwd_dq_kernel(
                             offs_m, offs_d, full_hi, kv_hi, kv_lo, kv_hi, qk_scale, drop_scale,
                             seed, bh, n_groups, p_thresh,
                             HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, True, HAS_MASK, DROPOUT, DOT_PREC)
-    # 4. Padded query rows get exactly 0.
+    # 3. Padded query rows get exactly 0.
     dq = tl.where(q_ok[:, None], dq * sm_scale, 0.0)
     _store_rows(DQ + b.to(tl.int64) * stride_dqb + h.to(tl.int64) * stride_dqh
                 + offs_m[:, None] * stride_dql + offs_d[None, :], dq.to(DQ.dtype.element_ty), offs_m < L, offs_d,
