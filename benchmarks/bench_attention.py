@@ -18,7 +18,6 @@ library versions and git commit.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from typing import Callable, Optional
@@ -28,6 +27,8 @@ import torch
 if __package__ in (None, ""):  # run as a script (python benchmarks/bench_attention.py): make `benchmarks` importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks.harness import git_commit as _git_commit  # noqa: E402
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}  # --dtype
 
 TARGETS = {  # issue 4, H100 bf16 non-causal D=64 L=512
     "fwd TFLOP/s": 300.0,
@@ -123,7 +124,7 @@ def _providers(padded: bool, device: str) -> dict[str, Callable]:
 
 def run(args) -> list[dict]:
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
+    dtype = DTYPES[args.dtype]
     env = _env()
     rows = []
     for D in args.D:
@@ -229,7 +230,7 @@ def _warm_one(job: tuple) -> Optional[str]:
     import mlmfast.kernels.attention as K
     from mlmfast.attention import attention
 
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype_name]
+    dtype = DTYPES[dtype_name]
     orig = _with_config(K, kind, K.KernelConfig(*cand))
     try:
         q, k, v, do = _sweep_inputs(B, H, L, D, dtype, device)
@@ -274,7 +275,7 @@ def sweep(args) -> list[dict]:
     import mlmfast.kernels.attention as K
     from mlmfast.attention import attention
 
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
+    dtype = DTYPES[args.dtype]
     D, L = args.D[0], args.L[0]
     H, B = max(1, args.hidden // D), max(1, args.tokens // L)
     kinds = ("fwd", "dkdv", "dq")
@@ -319,7 +320,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap = argparse.ArgumentParser(description="fused attention benchmark (see module docstring)")
     ap.add_argument("--L", type=int, nargs="+", default=[128, 256, 512, 1024, 2048, 4096])
     ap.add_argument("--D", type=int, nargs="+", default=[64, 128])
-    ap.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
+    ap.add_argument("--dtype", default="bf16", choices=list(DTYPES))
     ap.add_argument("--tokens", type=int, default=16384, help="B = tokens // L (default 16384)")
     ap.add_argument("--hidden", type=int, default=2048, help="H = hidden // D (default 2048)")
     ap.add_argument("--padding", nargs="+", default=["none", "half"], choices=["none", "half"])
@@ -346,9 +347,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     else:
         rows = run(args)
     if args.out:
+        from mlmfast._io import atomic_write_json
+
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        with open(args.out, "w") as f:
-            json.dump(rows, f, indent=1)
+        atomic_write_json(args.out, rows)
     if args.sweep:
         return 0
     print()

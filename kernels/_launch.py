@@ -18,3 +18,12 @@ class on_device:
     def __exit__(self, *exc):
         if self.ctx is not None:
             self.ctx.__exit__(*exc)
+
+
+def device_arch(device: torch.device) -> int:
+    """Compute capability as 10 * major + minor (90 = sm_90), which picks the launch configurations; 90 for a CPU
+    tensor (the interpreter uses the sm_90 configurations)."""
+    if device.type == "cuda":
+        major, minor = torch.cuda.get_device_capability(device)
+        return 10 * major + minor
+    return 90

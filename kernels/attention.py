@@ -42,7 +42,7 @@ import triton.language as tl
 
 from mlmfast.errors import UserError
 
-from ._launch import on_device
+from ._launch import device_arch, on_device
 
 SUPPORTED_HEAD_DIMS = (16, 32, 64, 80, 96, 128)  # compile-checked; any D <= 128 runs (padded to a power of 2)
 MAX_HEAD_DIM = 128
@@ -678,13 +678,6 @@ def launch_options(cfg: KernelConfig, arch: int) -> dict:
     return opts
 
 
-def _arch(device: torch.device) -> int:
-    if device.type == "cuda":
-        major, minor = torch.cuda.get_device_capability(device)
-        return 10 * major + minor
-    return 90  # the interpreter: use the sm_90 configurations
-
-
 def _is_blhd(x: torch.Tensor) -> bool:
     """True when x [B, H, L, D] is a view of [B, L, H, D] storage (heads interleaved within a token)."""
     return x.stride(-1) == 1 and x.stride(1) < x.stride(2)
@@ -737,7 +730,7 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bounds:
     if out.numel() == 0:
         return out, lse
     dropout = dropout_p > 0.0
-    arch = _arch(q.device)
+    arch = device_arch(q.device)
     cfg = kernel_config("fwd", D, q.dtype, arch, kmask is not None, dropout)
     grid = (triton.cdiv(L, cfg.block_m) * B * H,)
     with on_device(q.device):
@@ -768,7 +761,7 @@ def attention_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: to
     if dq.numel() == 0:
         return dq, dk, dv
     dropout = dropout_p > 0.0
-    arch = _arch(q.device)
+    arch = device_arch(q.device)
     kmask_arg = kmask if kmask is not None else bounds.view(torch.int8)
     seed_arg = seed if dropout else bounds.view(torch.int64)
     common = dict(HEAD_DIM=D, BLOCK_D=block_d(D), HAS_MASK=kmask is not None, DROPOUT=dropout,

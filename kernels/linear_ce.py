@@ -42,7 +42,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import on_device
+from ._launch import device_arch, on_device
 
 # Fill outputs with NaN before the kernels write them (tests switch it on; MLMFAST_POISON=1 for debugging).
 POISON_OUTPUTS = os.environ.get("MLMFAST_POISON", "0") == "1"
@@ -302,13 +302,6 @@ def kernel_config(kind: str, dtype: torch.dtype, arch: int = 90) -> KernelConfig
     return _CONFIGS[kind, dtype != torch.float32, arch >= 90]
 
 
-def _arch(device: torch.device) -> int:
-    if device.type == "cuda":
-        major, minor = torch.cuda.get_device_capability(device)
-        return 10 * major + minor
-    return 90  # the interpreter: use the sm_90 configurations
-
-
 def _num_sms(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
@@ -331,7 +324,7 @@ def _rows_ready(t: torch.Tensor) -> torch.Tensor:
 
 def num_splits(n_rows: int, vocab: int, dtype: torch.dtype, device: torch.device, splits: Optional[int] = None) -> int:
     """Vocabulary splits of the forward: enough programs to fill the GPU (about 2 per SM), at most one tile each."""
-    cfg = kernel_config("fwd", dtype, _arch(device))
+    cfg = kernel_config("fwd", dtype, device_arch(device))
     tiles = triton.cdiv(vocab, cfg.block_b)
     if splits is None:
         splits = triton.cdiv(2 * _num_sms(device), max(1, triton.cdiv(n_rows, cfg.block_a)))
@@ -352,7 +345,7 @@ def linear_ce_forward(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torc
     count = live.sum()
     if N == 0:
         return x.new_zeros((), dtype=torch.float32), x.new_zeros((0,), dtype=torch.float32), count
-    cfg = kernel_config("fwd", x.dtype, _arch(x.device))
+    cfg = kernel_config("fwd", x.dtype, device_arch(x.device))
     S = num_splits(N, V, x.dtype, x.device, splits)
     v_per_split = triton.cdiv(triton.cdiv(V, S), cfg.block_b) * cfg.block_b
     S = triton.cdiv(V, v_per_split)
@@ -407,7 +400,7 @@ def linear_ce_backward(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor
     if N == 0:
         dw = torch.zeros((V, H), dtype=weight.dtype, device=x.device)
         return dx, dw, None if db is None else db.to(bias.dtype)
-    arch = _arch(x.device)
+    arch = device_arch(x.device)
     prec = _dot_precision(x.dtype)
     c_lg, c_dx, c_dw = (kernel_config(k, x.dtype, arch) for k in ("dlogits", "dx", "dw"))
     C = backward_chunk_rows(N, V, x.dtype, chunk_rows, arch)

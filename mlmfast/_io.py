@@ -2,6 +2,7 @@
 writes that a reader (or a killed process) never sees half done, and file checksums."""
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -13,15 +14,12 @@ from typing import Any
 HASH_CHUNK = 1 << 22  # bytes read at a time when hashing a file
 
 
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """Write `text` to a temporary file in the same directory, fsync it, then rename it over `path`."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+@contextlib.contextmanager
+def _replaced_by(tmp: str, path: str | os.PathLike):
+    """Run the body (which writes `tmp`), then rename `tmp` over `path`; on any failure remove `tmp` and re-raise,
+    so `path` is either untouched or complete."""
     try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
+        yield
         os.replace(tmp, path)
     except BaseException:
         try:
@@ -29,6 +27,17 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
         except OSError:
             pass
         raise
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """Write `text` to a temporary file in the same directory, fsync it, then rename it over `path`."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    with _replaced_by(tmp, path):
+        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
 
 
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
@@ -40,15 +49,8 @@ def atomic_savefig(fig, path: str | os.PathLike, dpi: int) -> None:
     """Save a matplotlib figure as PNG under a temporary name, then rename it over `path`."""
     path = os.fspath(path)
     tmp = f"{path}.tmp-{os.getpid()}.png"
-    try:
+    with _replaced_by(tmp, path):
         fig.savefig(tmp, dpi=dpi)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
 
 
 def sha256_file(path: str | os.PathLike) -> str:
