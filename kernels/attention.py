@@ -547,7 +547,7 @@ def _dropout_mask_kernel(
     offs_n = start_n + tl.arange(0, BLOCK_N)
     # 2. The same draws as the attention kernels.
     keep = _dropout_keep(tl.load(SEED), bh, offs_m, start_n, (L + 7) // 8, p_thresh, BLOCK_M, BLOCK_N)
-    ptrs = KEEP + bh.to(tl.int64) * L * L + offs_m[:, None] * L + offs_n[None, :]
+    ptrs = KEEP + bh.to(tl.int64) * L * L + offs_m.to(tl.int64)[:, None] * L + offs_n[None, :]
     tl.store(ptrs, keep.to(tl.int8), mask=(offs_m[:, None] < L) & (offs_n[None, :] < L))
 
 
@@ -683,17 +683,27 @@ def _is_blhd(x: torch.Tensor) -> bool:
     return x.stride(-1) == 1 and x.stride(1) < x.stride(2)
 
 
+def _rows_fit_int32(row_stride: int, L: int) -> bool:
+    """The kernels form `row * stride_l` in int32 (the batch/head base is int64): it must not wrap for any row
+    of the last, partial block."""
+    return row_stride * (L + 128) < 2**31
+
+
 def _alloc_like(x: torch.Tensor, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
-    """An uninitialised [B, H, L, D] tensor in x's layout family: [B, L, H, D] storage if x has it, else contiguous."""
+    """An uninitialised [B, H, L, D] tensor in x's layout family: [B, L, H, D] storage if x has it (and its row
+    offsets fit in int32), else contiguous."""
     B, H, L, D = x.shape
     dtype = x.dtype if dtype is None else dtype
-    if _is_blhd(x):
+    if _is_blhd(x) and _rows_fit_int32(H * D, L):
         return torch.empty((B, L, H, D), dtype=dtype, device=x.device).transpose(1, 2)
     return torch.empty((B, H, L, D), dtype=dtype, device=x.device)
 
 
 def _unit_last_stride(x: torch.Tensor) -> torch.Tensor:
-    return x if x.stride(-1) == 1 else x.contiguous()
+    """x with unit stride on D and int32-safe row offsets (copied to contiguous [B, H, L, D] if needed)."""
+    if x.stride(-1) == 1 and _rows_fit_int32(x.stride(2), x.shape[2]):
+        return x
+    return x.contiguous()
 
 
 def _poison(*tensors: torch.Tensor) -> None:
@@ -891,7 +901,9 @@ def _seed_tensor(seed, device: torch.device) -> torch.Tensor:
         # drawn from the device's default generator: reproducible under torch.manual_seed, graph-safe
         return torch.randint(0, 2**62, (1,), dtype=torch.int64, device=device)
     if isinstance(seed, torch.Tensor):
-        return seed.reshape(1).to(device=device, dtype=torch.int64)
+        # a copy: the backward re-reads it, so a caller bumping its seed tensor in place must not change the
+        # saved one; non_blocking: a CPU seed tensor for a CUDA q is not a host sync
+        return seed.reshape(1).to(device=device, dtype=torch.int64, non_blocking=True, copy=True)
     seed = int(seed) % 2**64
     if seed >= 2**63:
         seed -= 2**64

@@ -26,8 +26,13 @@ from mlmfast.errors import UserError  # noqa: E402
 FACTOR = 2.0
 FLOOR = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 8e-3}
 GRAD_FLOOR = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
-if torch.cuda.is_available():  # on a GPU, fp32 inputs run TF32 dots (10-bit mantissa): bf16-like floors
-    FLOOR[torch.float32], GRAD_FLOOR[torch.float32] = 2e-3, 4e-3
+if torch.cuda.is_available():
+    # on a GPU, fp32 inputs run TF32 dots, and Triton feeds the tensor cores raw fp32 bits (no cvt.rna in its PTX):
+    # the low 13 mantissa bits are truncated. Simulated over this file's shapes: up to 2.7e-3 (out), 5.7e-3 (grads)
+    FLOOR[torch.float32], GRAD_FLOOR[torch.float32] = 5e-3, 1e-2
+# two runs of the kernel with different tiles: exact fp32 under the interpreter; TF32 on a GPU rounds P relative to
+# the running row maximum, which depends on the tile (simulated differences up to 6e-4)
+TILE_ATOL = 1e-5 if not torch.cuda.is_available() else 2e-3
 
 if torch.cuda.is_available():
     DEVICE = "cuda"
@@ -221,7 +226,7 @@ def test_small_blocks_many_iterations(monkeypatch):
     monkeypatch.setattr(K, "kernel_config", lambda *a, **k_: small)
     forced = _compare(B, H, L, D, torch.float32, data_seed=2, **kw)
     for a, b in zip(default, forced):
-        torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+        torch.testing.assert_close(a, b, atol=TILE_ATOL, rtol=0)
 
 
 # ---- dropout ----------------------------------------------------------------------------------------------
@@ -340,14 +345,17 @@ def test_custom_ops_opcheck():
 
 def test_torch_compile_fullgraph():
     """Traces without graph breaks (custom ops with fakes); aot_eager keeps the run cheap on CPU."""
+    _check_compile_fullgraph("inductor" if DEVICE == "cuda" else "aot_eager", DEVICE)
+
+
+def _check_compile_fullgraph(backend, device):
     B, H, L, D = 2, 2, 24, 16
-    q, k, v = (x.requires_grad_() for x in _inputs(B, H, L, D, torch.float32))
-    lens = torch.tensor([24, 9], device=DEVICE)
+    q, k, v = (x.requires_grad_() for x in _inputs(B, H, L, D, torch.float32, device=device))
+    lens = torch.tensor([24, 9], device=device)
 
     def f(q, k, v, lens):
         return attention(q, k, v, seqlens=lens, dropout_p=0.1, seed=5).sum()
 
-    backend = "inductor" if DEVICE == "cuda" else "aot_eager"
     compiled = torch.compile(f, fullgraph=True, backend=backend)
     loss = compiled(q, k, v, lens)
     grads = torch.autograd.grad(loss, (q, k, v))
@@ -426,6 +434,12 @@ def test_gpu_mask_and_dropout(cuda_device, dtype):
 
 
 @pytest.mark.gpu
+def test_gpu_torch_compile_inductor(cuda_device):
+    """The custom ops under inductor on the GPU: no graph break, compiled loss and grads equal eager."""
+    _check_compile_fullgraph("inductor", cuda_device)
+
+
+@pytest.mark.gpu
 def test_gpu_no_host_sync(cuda_device):
     B, H, L, D = 4, 8, 512, 64
     q, k, v = (x.requires_grad_() for x in _inputs(B, H, L, D, torch.bfloat16, device="cuda"))
@@ -454,3 +468,16 @@ def test_gpu_compile_check_runs_there(cuda_device):
                            "--head-dims", "64", "128", "--dtypes", "bfloat16"], env=env, capture_output=True,
                           text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+
+
+def test_row_offsets_that_would_overflow_int32_are_copied():
+    """The kernels form row * row_stride in int32: a layout where that wraps is made contiguous first (meta
+    tensors: no memory needed for the shapes involved)."""
+    big = torch.empty_strided((1, 1, 20000, 64), (0, 0, 2**17, 1), device="meta")  # rows 2^17 elements apart
+    assert K._unit_last_stride(big).is_contiguous()
+    ok = torch.empty_strided((1, 1, 2000, 64), (0, 0, 2**17, 1), device="meta")
+    assert K._unit_last_stride(ok) is ok
+    blhd = torch.empty((1, 131072, 128, 128), device="meta").transpose(1, 2)  # H * D = 16384 per row
+    assert K._alloc_like(blhd).is_contiguous()
+    small = torch.empty((1, 512, 12, 64), device="meta").transpose(1, 2)
+    assert K._is_blhd(K._alloc_like(small))
