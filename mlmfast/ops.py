@@ -177,7 +177,8 @@ def mask_select_torch(input_ids, attention_mask, lengths, special_tokens_mask, w
         for s in special_ids:
             elig &= ids != s
     else:
-        elig &= ~torch.isin(ids, torch.tensor(special_ids, dtype=torch.long, device=dev))
+        # built on the CPU and copied without blocking: torch.tensor(..., device=cuda) would be a host sync
+        elig &= ~torch.isin(ids, torch.tensor(special_ids, dtype=torch.long).to(dev, non_blocking=True))
 
     # unit words and keys
     d = philox4x32_10(pos, row, off_lo, off_hi, k0, k1)  # 4 x (B, L)
@@ -307,7 +308,8 @@ def _(input_ids, attention_mask, lengths, special_tokens_mask, word_ids, special
     def long(*shape):
         return input_ids.new_empty(shape, dtype=torch.long)
 
-    return torch.empty_like(input_ids), long(B, L), long(B, P), long(B, P), long(B), long(B)
+    # contiguous like the real op's (it masks input_ids.contiguous()), whatever input_ids' strides
+    return input_ids.new_empty((B, L)), long(B, L), long(B, P), long(B, P), long(B), long(B)
 
 
 # ---- mask_select: the public function -----------------------------------------------------------------------

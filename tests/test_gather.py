@@ -134,6 +134,27 @@ def test_cuda_gather(cuda_device, B, L, P, H, dtype):
 
 
 @pytest.mark.gpu
+def test_cuda_opcheck_and_inductor(cuda_device):
+    """The fakes agree with the CUDA kernels (opcheck), and inductor compiles gather + its backward."""
+    ext = ops.extension()
+    if ext is None or not ext.WITH_CUDA:
+        pytest.fail(f"the CUDA part of mlmfast._C is not built: {ops._cuda_part_reason()}")
+    hidden, pos = _inputs(2, 9, 4, 16, torch.float32, device=cuda_device, seed=1)
+    torch.library.opcheck(torch.ops.mlmfast.gather_rows.default, (hidden.requires_grad_(True), pos))
+    g = torch.randn(8, 16, device=cuda_device, requires_grad=True)
+    torch.library.opcheck(torch.ops.mlmfast.scatter_rows.default, (g, pos, 9))
+
+    def f(h, p):
+        return (ops.gather_rows(h, p) ** 2).sum()
+
+    h1 = hidden.detach().clone().requires_grad_(True)
+    h2 = hidden.detach().clone().requires_grad_(True)
+    f(h1, pos).backward()
+    torch.compile(f, fullgraph=True, backend="inductor")(h2, pos).backward()
+    torch.testing.assert_close(h1.grad, h2.grad)
+
+
+@pytest.mark.gpu
 def test_cuda_gather_unaligned_and_no_sync(cuda_device):
     ext = ops.extension()
     if ext is None or not ext.WITH_CUDA:

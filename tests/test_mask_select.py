@@ -532,6 +532,8 @@ def test_opcheck_and_compile():
     args = _op_args(ids, attn, None, None, wid, exact=True, seed=4, offset=2)
     torch.library.opcheck(torch.ops.mlmfast.mask_select.default, args)
     torch.library.opcheck(torch.ops.mlmfast.mask_select.default, args + (5,))  # with a row_offset
+    # non-contiguous ids: the real op's outputs are contiguous, so the fake's must be too (inductor checks strides)
+    torch.library.opcheck(torch.ops.mlmfast.mask_select.default, (ids.t().contiguous().t(),) + args[1:])
 
     def step(x, m, offset, row_offset=0):
         o = ops.mask_select(x, mask_token_id=MASK, vocab_size=VOCAB, special_token_ids=SPECIAL, attention_mask=m,
@@ -663,6 +665,26 @@ def test_cuda_row_offset_equals_twin(case):
              _run_guarded(*_with_rows(gpu_args, slice(cut, B), base + cut)))
     _assert_concat(_run_cpp(*_with_rows(args, slice(0, B), base)), [MaskingOutput(*(t.cpu() for t in (
         getattr(p, f) for f in FIELDS))) for p in parts])
+
+
+@pytest.mark.gpu
+def test_cuda_opcheck_and_inductor(cuda_device):
+    """The fake implementation agrees with the CUDA kernel (opcheck), and inductor compiles through the op with
+    the same outputs as eager."""
+    _cuda_kernel_or_fail()
+    ids, attn = mlm_batch(3, 20, seed=2)
+    ids, attn = ids.to(cuda_device), attn.to(cuda_device)
+    args = _op_args(ids, attn, None, None, None, exact=True, seed=4, offset=2)
+    torch.library.opcheck(torch.ops.mlmfast.mask_select.default, args)
+    torch.library.opcheck(torch.ops.mlmfast.mask_select.default, (ids.t().contiguous().t(),) + args[1:])
+
+    def step(x, m):
+        o = ops.mask_select(x, mask_token_id=MASK, vocab_size=VOCAB, special_token_ids=SPECIAL, attention_mask=m,
+                            seed=7, offset=3)
+        return o.input_ids * 2, o.positions, o.position_labels
+
+    for x, y in zip(step(ids, attn), torch.compile(step, fullgraph=True, backend="inductor")(ids, attn)):
+        assert torch.equal(x, y)
 
 
 @pytest.mark.gpu
