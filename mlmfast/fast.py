@@ -236,8 +236,27 @@ def compact_rows(rows: torch.Tensor, labels: torch.Tensor, exact: Optional[bool]
     order = torch.empty_like(dest).scatter_(0, dest, slot)  # order[dest[i]] = i
     head = slot < n
     idx = torch.where(head, order, M)  # (M,) empty slots -> out of range -> zero row
-    out = gather_rows(rows.reshape(1, M, H), idx[None])  # (M, H)
+    inv = torch.where(ok, dest, M)  # (M,) where each input row went; unlabelled rows get no gradient
+    out = _PermuteRows.apply(rows, idx, inv)  # (M, H)
     return SelectedRows(out, torch.where(head, lab[order], IGNORE_INDEX), n)
+
+
+class _PermuteRows(torch.autograd.Function):
+    """out = rows[idx] (zero where idx is out of range), when idx is a partial permutation with inverse inv:
+    the backward is then a gather too (grad_rows = grad_out[inv]), not gather_rows' general scatter, which must
+    look for duplicate positions (a scan over all M slots per row: M^2 work for one (1, M) gather)."""
+
+    @staticmethod
+    def forward(ctx, rows, idx, inv):
+        ctx.save_for_backward(inv)
+        M, H = rows.shape
+        return gather_rows(rows.reshape(1, M, H), idx[None])
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        (inv,) = ctx.saved_tensors
+        M, H = grad_out.shape
+        return gather_rows(grad_out.reshape(1, M, H), inv[None]), None, None
 
 
 def select_rows(hidden: torch.Tensor, labels: Optional[torch.Tensor] = None, positions: Optional[torch.Tensor] = None,

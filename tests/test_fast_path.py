@@ -165,6 +165,17 @@ def test_select_rows_static_equals_exact():
     assert a.num_active is None and n == int((labels != -100).sum())
     assert torch.equal(a.hidden, b.hidden[:n]) and torch.equal(a.labels, b.labels[:n])
     assert torch.equal(b.hidden[n:], torch.zeros_like(b.hidden[n:])) and (b.labels[n:] == -100).all()
+    # gradients: the static compaction's backward (a gather by the inverse permutation) equals the exact path's
+    g = torch.randn(n, 8)
+    grads = []
+    for exact in (True, False):
+        x = h.clone().requires_grad_(True)
+        out = fast.select_rows(x, labels=labels, exact=exact).hidden
+        (out[:n] * g).sum().backward()
+        grads.append(x.grad)
+    assert torch.equal(grads[0], grads[1])
+    x = h.double().requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda t: fast.select_rows(t, labels=labels, exact=False).hidden, (x,))
 
 
 # ---- transformers models ----------------------------------------------------------------------------------------
