@@ -188,6 +188,26 @@ def time_calls(fn: Callable[[int], Any], n_warmup: int, n_timed: int, device) ->
     return warm, [start.elapsed_time(end) / 1e3 for start, end in events]
 
 
+class DeviceLost(RuntimeError):
+    """A CUDA error (e.g. an illegal memory access, a device-side assert) left the context unusable: every later
+    CUDA call would fail with it, so the suite stops and reports the rest as not run."""
+
+
+def device_lost(device) -> Optional[str]:
+    """After a failed measurement: None if the device still works, else why not (one line)."""
+    import torch
+
+    device = torch.device(device)
+    if device.type != "cuda":
+        return None
+    try:
+        torch.cuda.synchronize(device)
+        return None
+    except Exception as exc:  # the sticky error of an earlier launch surfaces here
+        first = str(exc).strip().splitlines()
+        return f"{type(exc).__name__}: {first[0][:160] if first else ''}"
+
+
 def percentile(xs: Sequence[float], q: float) -> float:
     """Nearest-rank percentile, q in [0, 1]."""
     xs = sorted(xs)

@@ -33,7 +33,7 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from .harness import PeakMemory, median_rate, spread, time_calls
+from .harness import DeviceLost, PeakMemory, device_lost, median_rate, spread, time_calls
 
 
 def _error_reason(exc: BaseException) -> str:
@@ -75,9 +75,12 @@ class OpRunner:
             seconds = time_adaptive(fn, dev, warmup=2, **self.kw)
             peak = mem.peak_bytes() if mem else None
         except Exception as exc:
-            if dev.type == "cuda":
+            lost = device_lost(dev)
+            if dev.type == "cuda" and lost is None:
                 torch.cuda.empty_cache()
             self.skip(op, impl, _error_reason(exc), status="error")
+            if lost is not None:
+                raise DeviceLost(f"CUDA context lost in ops {op} {impl}: {lost}") from exc
             return
         r = dict(self.base, op=op, impl=impl, status="ok", run_on=dev.type, calls=len(seconds), **spread(seconds),
                  peak_mem_mib=None if peak is None else peak / 2**20,

@@ -136,6 +136,10 @@ def markdown(meta: dict, rows: list[dict]) -> str:
     t = train_table(rows)
     if t:
         parts += ["### Training step (forward + backward + AdamW)", "", t, ""]
+        builds = [f"{r['path']} {r['model']} L={r['L']} B={r['B']}: {r['compile_s']:.0f} s" for r in rows
+                  if r.get("suite") == "train" and r.get("compile_s") is not None]
+        if builds:
+            parts += ["torch.compile build + first step (not in the timings): " + "; ".join(builds) + ".", ""]
     if meta.get("conventions"):
         parts += ["Conventions: " + " ".join(meta["conventions"]), ""]
     return "\n".join(parts)

@@ -169,7 +169,7 @@ def _run(args, device, suites, dists, paths, ops, models, seq_lens, batch_sizes,
     import torch
 
     from . import ops_suite, report, train_suite
-    from .harness import environment, peak_tflops, short_device
+    from .harness import DeviceLost, environment, peak_tflops, short_device
     from .inputs import TextSource
 
     env = environment(device)
@@ -223,6 +223,11 @@ def _run(args, device, suites, dists, paths, ops, models, seq_lens, batch_sizes,
                             compile_warmup=args.compile_warmup, n_batches=args.batches, seed=args.seed,
                             cpu_compile=args.cpu_compile, peak=peak, deadline=deadline, on_row=on_row, log=log)
         meta["status"] = "complete"
+    except DeviceLost as exc:  # a kernel broke the CUDA context: nothing more can run in this process
+        meta["status"] = "device lost"
+        code = 1
+        print(f"# {exc}: writing what was measured", file=sys.stderr, flush=True)
+        _fill_missing(rows, configs, dists, suites, ops, paths, f"not run: {exc}")
     except KeyboardInterrupt:
         meta["status"] = "interrupted"
         code = 130

@@ -34,7 +34,7 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from .harness import PeakMemory, median_rate, spread, time_calls
+from .harness import DeviceLost, PeakMemory, device_lost, median_rate, spread, time_calls
 
 PATHS = ("hf-eager", "hf-sdpa", "hf-sdpa-compile", "mlmfast-reference", "mlmfast-fast", "mlmfast-fast-compile")
 # Measured order: eager paths first, compiled ones (slow to build) last, so a time budget cuts the compiles.
@@ -157,8 +157,10 @@ def run(configs: list[StepConfig], dists: list[str], paths: list[str], text, dev
     order = [p for p in RUN_ORDER if p in paths]
     # CPU: prime every eager path (lazy imports, thread pools: RSS). CUDA: only the cheap ones, so the Triton
     # kernels of the fast path are not JIT-compiled for the priming model's shapes.
-    _prime([p for p in order if skip_reason(p, device, cpu_compile) is None and not p.endswith("-compile")
-            and (device.type == "cpu" or not p.startswith("mlmfast-fast"))], text, device)
+    for failure in _prime([p for p in order if skip_reason(p, device, cpu_compile) is None
+                           and not p.endswith("-compile") and (device.type == "cpu" or not p.startswith("mlmfast-fast"))],
+                          text, device):
+        log(f"# priming failed: {failure}")
     prepared: dict[int, tuple] = {}  # config index -> (cfg, flops, batches per dist, master weights)
 
     def prepare(i: int, sc: StepConfig) -> tuple:
@@ -207,29 +209,41 @@ def _run_path(path, cfg, state, batches, base, device, emit, log, *, steps, warm
     mem = PeakMemory(device)
     mem.start()  # before the model exists: its weights, gradients and optimizer state count
     model = fn = opt = None
-    build_error = None
+    build_error = first_error = lost = None
     try:
         model = build_model(path, cfg, state, device)
         opt = make_optimizer(model, TrainConfig(), device)
         fn = torch.compile(model) if path.endswith("-compile") else model
     except Exception as exc:  # e.g. out of memory, an API that changed
         build_error = _error_reason(exc)
+        lost = device_lost(device)
+    first_dist = next(iter(batches))  # the first row set pays the compile
     for d, bt in batches.items():
         r = dict(base, dist=d, fill=bt.fill, mem_method=mem.method)
-        if build_error is not None:
+        if lost is not None:
+            r.update(status="skipped", reason=f"not run: CUDA context lost ({lost})")
+        elif build_error is not None:
             r.update(status="error", reason=build_error)
+        elif first_error is not None and path.endswith("-compile"):  # a failing compile is not paid for twice
+            r.update(status="error", reason=f"{first_error[1]} (as on the {first_error[0]} rows; not retried)")
         elif deadline is not None and time.monotonic() > deadline:
             r.update(status="skipped", reason="time budget spent (--time-budget)")
         else:
             try:
-                r.update(_measure(path, fn, opt, bt, device, mem, steps=steps, warmup=warmup, flops=flops, peak=peak))
+                r.update(_measure(path, fn, opt, bt, device, mem, steps=steps, warmup=warmup, flops=flops, peak=peak,
+                                  compile_row=path.endswith("-compile") and d == first_dist))
             except Exception as exc:
                 r.update(status="error", reason=_error_reason(exc))
-                opt.zero_grad(set_to_none=True)
-                if device.type == "cuda":
-                    torch.cuda.empty_cache()
+                first_error = (d, r["reason"])
+                lost = device_lost(device)
+                if lost is None:
+                    opt.zero_grad(set_to_none=True)
+                    if device.type == "cuda":
+                        torch.cuda.empty_cache()
         emit(r)
         log(_one_line(r))
+    if lost is not None:
+        raise DeviceLost(f"CUDA context lost in train {path}: {lost}")
     del model, fn, opt
     if path.endswith("-compile"):
         torch._dynamo.reset()
@@ -238,29 +252,37 @@ def _run_path(path, cfg, state, batches, base, device, emit, log, *, steps, warm
         torch.cuda.empty_cache()
 
 
-def _prime(paths: list[str], text, device: torch.device) -> None:
+def _prime(paths: list[str], text, device: torch.device) -> list[str]:
     """One step of a 1-layer model on each eager path, unmeasured: lazy imports and one-time allocations (thread
     pools, library handles) then land before the first measured path, not inside its peak memory."""
     from mlmfast.config import ModelConfig
     from mlmfast.model import BertForMLM
     from mlmfast.trainer import TrainConfig, make_optimizer
 
-    cfg = ModelConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+    V = text.tokenizer.vocab_size  # the batches hold the tokenizer's ids
+    cfg = ModelConfig(vocab_size=V, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
                       intermediate_size=64, max_position_embeddings=512)
     state = BertForMLM(cfg).state_dict()
-    bt = text.batches("real", 2, 16, 1, 64, device, seed=12345)
+    bt = text.batches("real", 2, 16, 1, V, device, seed=12345)
+    failed = []
     for path in paths:
         try:
             model = build_model(path, cfg, state, device)
             fn = make_step(path, model, make_optimizer(model, TrainConfig(), device), bt, device)
             fn(0)
-        except Exception:  # the measured run reports it
-            pass
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)  # an asynchronous error shows here, not in the first measured path
+        except Exception as exc:  # the measured run reports it too
+            failed.append(f"{path}: {_error_reason(exc)}")
+            lost = device_lost(device)
+            if lost is not None:
+                raise DeviceLost(f"CUDA context lost while priming {path}: {lost}") from exc
     gc.collect()
+    return failed
 
 
 def _measure(path, fn, opt, batches, device, mem: PeakMemory, *, steps: int, warmup: int, flops: float,
-             peak: Optional[float]) -> dict[str, Any]:
+             peak: Optional[float], compile_row: bool = False) -> dict[str, Any]:
     mem.reset_peak()
     step = make_step(path, fn, opt, batches, device)
     losses: list[torch.Tensor] = []
@@ -280,7 +302,7 @@ def _measure(path, fn, opt, batches, device, mem: PeakMemory, *, steps: int, war
                                mfu=(tflops / peak) if peak else None,
                                peak_mem_mib=None if peak_bytes is None else peak_bytes / 2**20,
                                loss_first=float(losses[0]) if losses else None)
-    if path.endswith("-compile") and warm:
+    if compile_row and warm:  # the first call of the first row set: torch.compile's build (+ one step)
         out["compile_s"] = round(warm[0], 1)
     return out
 

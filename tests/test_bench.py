@@ -158,3 +158,71 @@ def test_attention_sweep_compiles_candidates_in_worker_processes():
     assert set(errors) == {3}, errors
     assert "power of 2" in errors[3] or "power of two" in errors[3], errors[3]
     assert len(ba.SWEEP_CANDIDATES) == 24 and len(set(ba.SWEEP_CANDIDATES)) == 24
+
+
+def test_priming_runs_every_eager_path():
+    """The unmeasured priming step must itself work (it once built a 64-token model for the tokenizer's ids: every
+    path failed silently, and on a GPU the out-of-range id is a sticky device-side assert)."""
+    import torch
+
+    ts, inputs = _bench("train_suite"), _bench("inputs")
+    text = inputs.TextSource(tokenizer_vocab=512)
+    assert ts._prime(["hf-eager", "hf-sdpa", "mlmfast-reference", "mlmfast-fast"], text, torch.device("cpu")) == []
+
+
+def _fake_path(ts, monkeypatch, measure, path):
+    import torch
+
+    monkeypatch.setattr(ts, "build_model", lambda *a: torch.nn.Linear(2, 2))
+    monkeypatch.setattr(ts, "_measure", measure)
+    batches = {"real": type("B", (), {"fill": 0.5})(), "full": type("B", (), {"fill": 1.0})()}
+    rows = []
+    return rows, dict(cfg=None, state=None, batches=batches, base=dict(model="m", L=8, B=2, path=path), device=torch.device("cpu"),
+                      emit=rows.append, log=lambda s: None, steps=1, warmup=1, flops=1.0, peak=None, deadline=None)
+
+
+def test_failing_compile_is_not_retried(monkeypatch):
+    ts = _bench("train_suite")
+    calls = []
+
+    def measure(*a, **k):
+        calls.append(1)
+        raise RuntimeError("inductor: simulated failure")
+
+    rows, kw = _fake_path(ts, monkeypatch, measure, "hf-sdpa-compile")
+    ts._run_path("hf-sdpa-compile", **kw)
+    assert len(calls) == 1 and [r["status"] for r in rows] == ["error", "error"]
+    assert "not retried" in rows[1]["reason"] and "simulated" in rows[1]["reason"]
+    calls.clear()
+    rows2, kw = _fake_path(ts, monkeypatch, measure, "hf-sdpa")
+    ts._run_path("hf-sdpa", **kw)  # an eager path tries each row set
+    assert len(calls) == 2
+
+
+def test_lost_device_stops_the_suite(monkeypatch):
+    """A kernel that breaks the CUDA context (simulated): the path's rows say so and DeviceLost stops the run."""
+    ts, harness = _bench("train_suite"), _bench("harness")
+
+    def measure(*a, **k):
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    rows, kw = _fake_path(ts, monkeypatch, measure, "mlmfast-fast")
+    monkeypatch.setattr(ts, "device_lost", lambda device: "AcceleratorError: illegal memory access")
+    with pytest.raises(harness.DeviceLost, match="illegal memory access"):
+        ts._run_path("mlmfast-fast", **kw)
+    assert rows[0]["status"] == "error" and rows[1]["status"] == "skipped"
+    assert "context lost" in rows[1]["reason"]
+
+
+def test_suite_writes_what_it_has_when_the_device_is_lost(tmp_path, monkeypatch, capsys):
+    ops_suite, harness = _bench("ops_suite"), _bench("harness")
+
+    def run(*a, **k):
+        raise harness.DeviceLost("CUDA context lost in ops attention triton: simulated")
+
+    monkeypatch.setattr(ops_suite, "run", run)
+    assert main(["bench", "--smoke", "--out", str(tmp_path), "--name", "lost", "--quiet", "--no-plot"]) == 1
+    d = json.loads((tmp_path / "lost.json").read_text())
+    assert d["meta"]["status"] == "device lost"
+    assert d["rows"] and all(r["status"] == "skipped" and "simulated" in r["reason"] for r in d["rows"])
+    assert "context lost" in capsys.readouterr().err
