@@ -151,7 +151,7 @@ def _lce_bwd_dlogits_kernel(
     NACT,  # [1] int64: rows >= NACT[0] are ignored
     LSE,  # [N] fp32 logsumexp from the forward (0 on ignored rows)
     SCALE,  # [1] fp32: d loss / d loss_i of a live row (grad_out / count for the mean)
-    DLOG,  # [C, V] output, input dtype: dlogits of rows [row0, row0 + C)
+    DLOG,  # [C, VP] output, input dtype: dlogits of rows [row0, row0 + C); columns >= V are 0
     DB_PART,  # [cdiv(C, BLOCK_M), V] fp32 output: column sums of this program's dlogits tile (for db)
     stride_xn, stride_wv, stride_dn,  # row strides of X, W, DLOG
     row0, C,  # first row and number of rows of this chunk
@@ -183,9 +183,9 @@ def _lce_bwd_dlogits_kernel(
         scale = tl.load(SCALE)
         p = tl.exp(z - lse[:, None])
         g = (p - tl.where(offs_v[None, :] == label[:, None], 1.0, 0.0)) * scale
-        g = tl.where(live[:, None], g, 0.0).to(DLOG.dtype.element_ty)  # rounded as dx / dW will read it
+        g = tl.where(live[:, None] & v_ok[None, :], g, 0.0).to(DLOG.dtype.element_ty)  # 0 in the padding
         ptrs = DLOG + local.to(tl.int64)[:, None] * stride_dn + offs_v[None, :]
-        tl.store(ptrs, g, mask=((local < C) & (offs_m < N))[:, None] & v_ok[None, :])
+        tl.store(ptrs, g, mask=((local < C) & (offs_m < N))[:, None])  # whole tiles: VP = the tiles' end
         if HAS_BIAS:  # 4. db partial: this tile's column sums (the host adds the row tiles in order)
             tl.store(DB_PART + pid_m.to(tl.int64) * V + offs_v, tl.sum(g.to(tl.float32), 0), mask=v_ok)
 
@@ -215,7 +215,7 @@ def _lce_bwd_dx_kernel(
         offs_v = v0 + tl.arange(0, BLOCK_V)
         v_ok = offs_v < V
         g = tl.load(DLOG + local.to(tl.int64)[:, None] * stride_dn + offs_v[None, :],
-                    mask=rows_ok[:, None] & v_ok[None, :], other=0.0)  # [BM, BV]
+                    mask=rows_ok[:, None], other=0.0)  # [BM, BV]; columns < VP, zero past V
         w = tl.load(W + offs_v.to(tl.int64)[:, None] * stride_wv + offs_h[None, :],
                     mask=v_ok[:, None] & h_ok[None, :], other=0.0)  # [BV, BH]
         acc = tl.dot(g, w, acc, input_precision=DOT_PREC)
@@ -254,7 +254,7 @@ def _lce_bwd_dw_kernel(
             local = r0 + tl.arange(0, BLOCK_M)
             r_ok = local < n_loc
             g = tl.load(DLOG + local.to(tl.int64)[:, None] * stride_dn + offs_v[None, :],
-                        mask=r_ok[:, None] & v_ok[None, :], other=0.0)  # [BM, BV]
+                        mask=r_ok[:, None], other=0.0)  # [BM, BV]; columns < VP
             x = tl.load(X + (row0 + local).to(tl.int64)[:, None] * stride_xn + offs_h[None, :],
                         mask=r_ok[:, None] & h_ok[None, :], other=0.0)  # [BM, BH]
             acc = tl.dot(tl.trans(g), x, acc, input_precision=DOT_PREC)
@@ -289,7 +289,9 @@ def _fill_configs() -> None:
             _CONFIGS[kind, True, hopper] = KernelConfig(128, 128, 64, 8, stages)
             _CONFIGS[kind, False, hopper] = KernelConfig(64, 64, 32, 4, 2)
         _CONFIGS["dw", True, hopper] = KernelConfig(128, 64, 64, 8, 3)  # 128 x 128 spills (fp32 acc + A^T)
-        _CONFIGS["dw", False, hopper] = KernelConfig(64, 64, 32, 4, 2) if hopper else KernelConfig(32, 32, 32, 4, 1)
+        # sm_90 fp32: 4 warps spill under triton 3.9 (capped at 168 registers) since the dlogits operand has no
+        # V mask (padded rows); 8 warps: 121 registers (3.9), 156 (3.6), no spill
+        _CONFIGS["dw", False, hopper] = KernelConfig(64, 64, 32, 8, 2) if hopper else KernelConfig(32, 32, 32, 4, 1)
     # sm_80 fp32: 4 warps spill; so does BLOCK_K 32 with triton 3.6 (the GPU image's; it stops at 128 registers)
     _CONFIGS["fwd", False, False] = KernelConfig(64, 64, 16, 8, 2)
 
@@ -405,7 +407,11 @@ def linear_ce_backward(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor
     c_lg, c_dx, c_dw = (kernel_config(k, x.dtype, arch) for k in ("dlogits", "dx", "dw"))
     C = backward_chunk_rows(N, V, x.dtype, chunk_rows, arch)
     dw = torch.empty((V, H), dtype=torch.float32, device=x.device)  # the first chunk overwrites it
-    dlog = torch.empty((C, V), dtype=x.dtype, device=x.device)
+    # dlogits rows padded to a multiple of every kernel's V block (powers of two) and of 128: the row stride is
+    # then 16-byte aligned at any V (BERT's 30522, RoBERTa's 50265), so dx / dW read whole tiles with vector
+    # (cp.async) loads and no V mask; the dlogits kernel writes zeros in the padding.
+    pad = max(128, c_lg.block_b, c_dx.block_k, c_dw.block_a)
+    dlog = torch.empty((C, triton.cdiv(V, pad) * pad), dtype=x.dtype, device=x.device)
     db_part = torch.empty((triton.cdiv(C, c_lg.block_a), V), dtype=torch.float32, device=x.device) \
         if bias is not None else dw
     _poison(dx, dw, dlog, db_part)
@@ -413,7 +419,7 @@ def linear_ce_backward(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor
         for i, row0 in enumerate(range(0, N, C)):
             c = min(C, N - row0)
             # 1. dlogits of the chunk's live rows
-            _lce_bwd_dlogits_kernel[(triton.cdiv(c, c_lg.block_a), triton.cdiv(V, c_lg.block_b))](
+            _lce_bwd_dlogits_kernel[(triton.cdiv(c, c_lg.block_a), triton.cdiv(dlog.shape[1], c_lg.block_b))](
                 x, weight, bias if bias is not None else weight, labels, n_act, lse, scale, dlog, db_part,
                 x.stride(0), weight.stride(0), dlog.stride(0), row0, c, N, V, H, ignore_index,
                 BLOCK_M=c_lg.block_a, BLOCK_V=c_lg.block_b, BLOCK_K=c_lg.block_k, HAS_BIAS=bias is not None,
