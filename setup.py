@@ -16,6 +16,7 @@ Without pybind11 (only possible with --no-build-isolation) the package installs 
 runs its pure-PyTorch fallbacks.
 """
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -83,8 +84,11 @@ def _cudart_static(home: str):
 
 
 def cuda_archs():
-    archs = [a.strip().replace("sm_", "").replace(".", "") for a in
-             os.environ.get("MLMFAST_CUDA_ARCHS", DEFAULT_ARCHS).replace(",", ";").split(";") if a.strip()]
+    raw = os.environ.get("MLMFAST_CUDA_ARCHS", DEFAULT_ARCHS)
+    archs = [a.strip().replace("sm_", "").replace(".", "") for a in raw.replace(",", ";").split(";") if a.strip()]
+    bad = [a for a in archs if not re.fullmatch(r"\d+[af]?", a)]
+    if bad or not archs:
+        raise SystemExit(f"MLMFAST_CUDA_ARCHS={raw!r}: expected SM numbers such as '80;90' or '90a' (got {bad})")
     return archs
 
 
@@ -93,7 +97,7 @@ def nvcc_flags(archs):
              "--expt-relaxed-constexpr", "-lineinfo", f"-I{os.path.join(HERE, CSRC)}", "-DMLMFAST_WITH_CUDA"]
     for a in archs:
         flags += ["-gencode", f"arch=compute_{a},code=sm_{a}"]
-    top = max(archs, key=int)
+    top = max(archs, key=lambda a: int(a.rstrip("af")))  # "90a": arch-specific features, still SM 90
     flags += ["-gencode", f"arch=compute_{top},code=compute_{top}"]  # PTX for GPUs newer than the list
     return flags
 

@@ -70,7 +70,7 @@ else
   # worker processes (pytest-xdist, in the GPU image) sharing the GPU. GPU_CHECK_TEST_WORKERS=0: one process.
   workers=${GPU_CHECK_TEST_WORKERS:-8}
   if [ "$DRY" != 1 ] && [ "$workers" -gt 0 ] && "$PY" -c "import xdist" >/dev/null 2>&1; then
-    args+=(-n "$workers")
+    args+=(-n "$workers" --dist worksteal)  # a slow test does not hold back the ones queued behind it
   fi
   set +e
   timeout -k 10 "$t_tests" "$PY" -m pytest "${args[@]}" -p no:cacheprovider >"$OUT/pytest_gpu.log" 2>&1

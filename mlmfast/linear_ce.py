@@ -228,8 +228,10 @@ def _setup_context(ctx, inputs, output):
 
 
 def _is_one(grad: torch.Tensor) -> bool:
-    """grad == 1 (the usual loss.backward()), checked only where it costs nothing: a CPU tensor in eager mode."""
-    return grad.device.type == "cpu" and not torch.compiler.is_compiling() and bool(grad == 1)
+    """grad == 1 (the usual loss.backward()), checked only where it costs nothing: a CPU tensor in eager mode.
+    (torch 2.11 traces the backward under AOT autograd with is_compiling() False: a fake tensor says so.)"""
+    return (grad.device.type == "cpu" and not torch.compiler.is_compiling()
+            and torch._guards.detect_fake_mode([grad]) is None and bool(grad == 1))
 
 
 def _backward(ctx, grad_loss, *unused):

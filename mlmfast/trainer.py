@@ -596,9 +596,16 @@ def train(cfg: TrainConfig, resume: bool | str = False, log: Callable[[str], Non
 
     started = not torch.distributed.is_available() or not torch.distributed.is_initialized()
     env, dist_device = setup_distributed(cfg.device)
+    # --deterministic switches a process-wide mode on: put it back afterwards, so a caller's later work (another
+    # run, a test in the same process) does not inherit it
+    det = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    cublas_ws = os.environ.get("CUBLAS_WORKSPACE_CONFIG")
     try:
         return _train(cfg, resume, log if env.is_main else (lambda msg: None), stop_after, env, dist_device)
     finally:
+        torch.use_deterministic_algorithms(det[0], warn_only=det[1])
+        if cublas_ws is None:
+            os.environ.pop("CUBLAS_WORKSPACE_CONFIG", None)
         if started:
             shutdown_distributed(env)
 

@@ -300,15 +300,16 @@ def test_checks_do_not_synchronise_cuda(cuda_device):
     labels = torch.tensor([1, -100, 9, 0, 3], device=cuda_device)
     x, w = torch.randn(5, 8, device=cuda_device), torch.randn(10, 8, device=cuda_device)
     attn = torch.ones(B, L, dtype=torch.long, device=cuda_device)
+    n_act = torch.full((1,), 4, dtype=torch.long, device=cuda_device)  # torch.tensor(..., device=) would sync
     mask_tokens(ids, MASK, V, special_token_ids=SPECIAL, attention_mask=attn, seed=1)  # warm-up (lazy init)
-    linear_cross_entropy(x, w, None, labels)
+    linear_cross_entropy(x, w, None, labels, num_active=n_act)
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
         check_range("input_ids", ids, 0, V, what="token id")
         check_range("labels", labels, 0, 10, ignore=-100, where=torch.arange(5, device=cuda_device) < 4)
         mask_tokens(ids, MASK, V, special_token_ids=SPECIAL, attention_mask=attn, seed=1, row_offset=2)
-        linear_cross_entropy(x, w, None, labels, num_active=torch.tensor([4], device=cuda_device))
+        linear_cross_entropy(x, w, None, labels, num_active=n_act)
     finally:
         torch.cuda.set_sync_debug_mode("default")
     torch.cuda.synchronize()  # and the asserts passed

@@ -228,7 +228,7 @@ def test_reference_matches_torch_cross_entropy():
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 def test_cuda_kernel_matches_fp64(cuda_device, dtype):
     for n, h, v in [(1, 64, 1000), (777, 256, 30522), (4096, 768, 30522)]:
-        x, w, b, labels = make(n, h, v, dtype)
+        x, w, b, labels = make(n, h, v, dtype, ignore_every=3 if n > 1 else 0)  # n = 1: its row is live
         x, w, b = (t.detach().to(cuda_device).requires_grad_() for t in (x, w, b))
         lab = labels.to(cuda_device)
         loss = linear_cross_entropy(x, w, b, lab)
@@ -244,6 +244,10 @@ def test_cuda_kernel_no_host_sync_and_deterministic(cuda_device):
     x, w, b, labels = make(1000, 128, 5000, torch.bfloat16)
     x, w, b = (t.detach().to(cuda_device).requires_grad_() for t in (x, w, b))
     lab, n_act = labels.to(cuda_device), torch.tensor([700], device=cuda_device)
+    linear_cross_entropy(x, w, b, lab, num_active=n_act).backward()  # warm-up: compiles, first-call setup
+    for t in (x, w, b):
+        t.grad = None
+    torch.cuda.synchronize()
     outs = []
     for _ in range(2):
         torch.cuda.set_sync_debug_mode("error")

@@ -85,6 +85,19 @@ def test_new_run_refuses_existing_run_dir(corpus_file, tmp_path):
         train(tiny_cfg(corpus_file, tmp_path / "run", max_steps=2), log=_silent)
 
 
+def test_deterministic_mode_is_put_back(corpus_file, tmp_path, monkeypatch):
+    """--deterministic is process-wide in torch: train() restores the caller's mode (and CUBLAS_WORKSPACE_CONFIG)."""
+    import os
+
+    import torch
+
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    assert not torch.are_deterministic_algorithms_enabled()
+    train(tiny_cfg(corpus_file, tmp_path / "run", max_steps=2, deterministic=True), log=_silent)
+    assert not torch.are_deterministic_algorithms_enabled()
+    assert "CUBLAS_WORKSPACE_CONFIG" not in os.environ
+
+
 def test_continue_from_pretrained_model_dir(corpus_file, tmp_path):
     """Domain adaptation: --model DIR starts from those weights and that directory's tokenizer."""
     a = train(tiny_cfg(corpus_file, tmp_path / "a", max_steps=10), log=_silent)
