@@ -46,7 +46,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 CSRC = "csrc"
 CPP_SOURCES = [f"{CSRC}/bindings.cpp", f"{CSRC}/mask_select_cpu.cpp"]
 CUDA_SOURCES = [f"{CSRC}/mask_select.cu", f"{CSRC}/gather.cu"]
-HEADERS = [f"{CSRC}/{h}" for h in ("philox.h", "mask_select.h", "cuda_api.h", "cuda_utils.cuh")]
+HEADERS = [f"{CSRC}/{h}" for h in ("philox.h", "mask_select.h", "cuda_api.h", "cuda_utils.cuh", "mask_select_kernel.cuh",
+                                     "gather_kernel.cuh")]
 DEFAULT_ARCHS = "80;90"
 
 
