@@ -79,9 +79,15 @@ def test_gradcheck_and_double_backward():
 
 
 def test_opcheck_and_compile():
-    hidden, pos = _inputs(2, 9, 4, 16, torch.float32, seed=1)
+    _check_opcheck_and_compile("cpu", "aot_eager")
+
+
+def _check_opcheck_and_compile(device, backend):
+    """The fakes agree with the real ops (opcheck), and torch.compile(fullgraph=True) runs gather + backward."""
+    hidden, pos = _inputs(2, 9, 4, 16, torch.float32, device=device, seed=1)
     torch.library.opcheck(torch.ops.mlmfast.gather_rows.default, (hidden.requires_grad_(True), pos))
-    torch.library.opcheck(torch.ops.mlmfast.scatter_rows.default, (torch.randn(8, 16, requires_grad=True), pos, 9))
+    g = torch.randn(8, 16, device=device, requires_grad=True)
+    torch.library.opcheck(torch.ops.mlmfast.scatter_rows.default, (g, pos, 9))
 
     def f(h, p):
         return (ops.gather_rows(h, p) ** 2).sum()
@@ -89,7 +95,7 @@ def test_opcheck_and_compile():
     h1 = hidden.detach().clone().requires_grad_(True)
     h2 = hidden.detach().clone().requires_grad_(True)
     f(h1, pos).backward()
-    torch.compile(f, fullgraph=True, backend="aot_eager")(h2, pos).backward()
+    torch.compile(f, fullgraph=True, backend=backend)(h2, pos).backward()
     assert torch.equal(h1.grad, h2.grad)
 
 
@@ -107,14 +113,18 @@ def test_gather_errors():
 
 
 # ---- GPU -------------------------------------------------------------------------------------------------------
+def _cuda_part_or_fail():
+    ext = ops.extension()
+    if ext is None or not ext.WITH_CUDA:
+        pytest.fail(f"the CUDA part of mlmfast._C is not built: {ops._cuda_part_reason()}")
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("B,L,P,H", [(1, 1, 1, 1), (2, 17, 5, 33), (8, 128, 48, 768), (4, 512, 128, 1024),
                                      (2, 64, 70, 7), (3, 129, 129, 64)])
 def test_cuda_gather(cuda_device, B, L, P, H, dtype):
-    ext = ops.extension()
-    if ext is None or not ext.WITH_CUDA:
-        pytest.fail(f"the CUDA part of mlmfast._C is not built: {ops._cuda_part_reason()}")
+    _cuda_part_or_fail()
     assert ops.gather_backend(cuda_device, dtype) == "cuda"
     for dup in (True, False):
         if not dup and P > L:
@@ -135,30 +145,13 @@ def test_cuda_gather(cuda_device, B, L, P, H, dtype):
 
 @pytest.mark.gpu
 def test_cuda_opcheck_and_inductor(cuda_device):
-    """The fakes agree with the CUDA kernels (opcheck), and inductor compiles gather + its backward."""
-    ext = ops.extension()
-    if ext is None or not ext.WITH_CUDA:
-        pytest.fail(f"the CUDA part of mlmfast._C is not built: {ops._cuda_part_reason()}")
-    hidden, pos = _inputs(2, 9, 4, 16, torch.float32, device=cuda_device, seed=1)
-    torch.library.opcheck(torch.ops.mlmfast.gather_rows.default, (hidden.requires_grad_(True), pos))
-    g = torch.randn(8, 16, device=cuda_device, requires_grad=True)
-    torch.library.opcheck(torch.ops.mlmfast.scatter_rows.default, (g, pos, 9))
-
-    def f(h, p):
-        return (ops.gather_rows(h, p) ** 2).sum()
-
-    h1 = hidden.detach().clone().requires_grad_(True)
-    h2 = hidden.detach().clone().requires_grad_(True)
-    f(h1, pos).backward()
-    torch.compile(f, fullgraph=True, backend="inductor")(h2, pos).backward()
-    torch.testing.assert_close(h1.grad, h2.grad)
+    _cuda_part_or_fail()
+    _check_opcheck_and_compile(cuda_device, "inductor")
 
 
 @pytest.mark.gpu
 def test_cuda_gather_unaligned_and_no_sync(cuda_device):
-    ext = ops.extension()
-    if ext is None or not ext.WITH_CUDA:
-        pytest.fail(f"the CUDA part of mlmfast._C is not built: {ops._cuda_part_reason()}")
+    _cuda_part_or_fail()
     base, pos = _inputs(2, 33, 9, 64, torch.bfloat16, device=cuda_device, seed=2)
     storage = torch.empty(base.numel() + 1, dtype=base.dtype, device=cuda_device)
     hidden = storage[1:].view(base.shape)  # contiguous, but 2 bytes off a 16-byte boundary: the scalar path
