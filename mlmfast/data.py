@@ -35,6 +35,7 @@ from array import array
 from collections.abc import Sequence
 from itertools import chain
 from pathlib import Path
+from typing import Optional
 
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
@@ -581,7 +582,7 @@ class _Loader(DataLoader):
 
 def make_loader(dataset: Dataset, batch_size: int, shuffle: bool = True, seed: int = 0, num_workers: int = 0,
                 drop_last: bool = True, start_batch: int = 0, epoch: int = 0, rank: int = 0,
-                world_size: int = 1) -> DataLoader:
+                world_size: int = 1, pin_memory: Optional[bool] = None) -> DataLoader:
     """A DataLoader with a deterministic order per (seed, epoch); `start_batch=k` yields exactly the batches
     k, k+1, ... of the same epoch without resuming. `loader.sampler.set_epoch(e)` moves to another epoch.
     A dataset with an `epoch_order(seed, epoch)` method (mlmfast.prepare.PreparedDataset) supplies its own
@@ -607,4 +608,4 @@ def make_loader(dataset: Dataset, batch_size: int, shuffle: bool = True, seed: i
                                batch_size=batch_size)
     return _Loader(dataset, batch_size=batch_size, sampler=sampler, collate_fn=collate, num_workers=num_workers,
                    drop_last=drop_last, persistent_workers=num_workers > 0,
-                   pin_memory=torch.cuda.is_available(), generator=torch.Generator().manual_seed(seed))
+                   pin_memory=torch.cuda.is_available() if pin_memory is None else pin_memory, generator=torch.Generator().manual_seed(seed))

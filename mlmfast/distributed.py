@@ -19,6 +19,7 @@ Only rank 0 logs, evaluates into the metrics file and writes checkpoints.
 """
 from __future__ import annotations
 
+import datetime
 import os
 from dataclasses import dataclass
 from typing import Any, Optional
@@ -112,7 +113,10 @@ def setup_distributed(device_name: str) -> tuple[DistEnv, Optional[torch.device]
         raise UserError(f"--device {device_name} cannot be used with torchrun; use auto, cpu or cuda "
                         "(each process takes cuda:LOCAL_RANK)")
     if not dist.is_initialized():
-        dist.init_process_group(backend, **({"device_id": device} if backend == "nccl" else {}))
+        # Rank 0 may work alone for a while (training the tokenizer on a large corpus, hashing a checkpoint) while
+        # the others wait in a collective: NCCL's default watchdog (10 min) would kill the job. MLMFAST_DIST_TIMEOUT_MIN.
+        timeout = datetime.timedelta(minutes=float(os.environ.get("MLMFAST_DIST_TIMEOUT_MIN", "60")))
+        dist.init_process_group(backend, timeout=timeout, **({"device_id": device} if backend == "nccl" else {}))
     return DistEnv(rank, world, local_rank, backend), device
 
 
@@ -132,11 +136,15 @@ def wrap_model(model: torch.nn.Module, env: DistEnv, strategy: str, device: torc
         from torch.nn.parallel import DistributedDataParallel
 
         return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
+    # The mesh on the run's device: without one, fully_shard takes the host's accelerator (CUDA on a GPU machine
+    # even for a --device cpu / gloo run) and moves every parameter there.
+    mesh = init_device_mesh(device.type, (env.world_size,))
     for layer in model.bert["encoder"]["layer"]:
-        fully_shard(layer)
-    fully_shard(model)  # the root unit: embeddings and the head (whose decoder is tied to the embeddings)
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)  # the root unit: embeddings and the head (whose decoder is tied to the embeddings)
     return model
 
 

@@ -698,7 +698,8 @@ def _train(cfg: TrainConfig, resume, log: Callable[[str], None], stop_after: Opt
     # A resume keeps the log up to its checkpoint's step; a run (re)started at step 0 begins a new log.
     metrics = MetricsLog(os.path.join(run_dir, "metrics.jsonl"), truncate_after_step=step if step > 0 else None) \
         if env.is_main else None
-    val_loader = make_loader(val_ds, B, shuffle=False, drop_last=False) if len(val_ds) else None
+    val_loader = make_loader(val_ds, B, shuffle=False, drop_last=False, pin_memory=device.type == "cuda") \
+        if len(val_ds) else None
 
     def run_eval(at_step: int) -> Optional[dict[str, float]]:
         if val_loader is None:
@@ -725,7 +726,8 @@ def _train(cfg: TrainConfig, resume, log: Callable[[str], None], stop_after: Opt
         nonlocal epoch, start_batch
         while True:
             loader = make_loader(train_ds, B, shuffle=True, seed=cfg.seed, epoch=epoch, num_workers=cfg.num_workers,
-                                 drop_last=True, start_batch=start_batch, rank=env.rank, world_size=W)
+                                 drop_last=True, start_batch=start_batch, rank=env.rank, world_size=W,
+                                 pin_memory=device.type == "cuda")  # a CPU run on a GPU host opens no context
             for b in loader:
                 yield b
             epoch, start_batch = epoch + 1, 0

@@ -113,6 +113,28 @@ def test_torchrun_two_processes_equal_one_process(shared, corpus_file, single, a
     assert state["world_size"] == 2 and state["strategy"] == strategy and len(state["rng_per_rank"]) == 2
 
 
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_two_process_run_resumes_exactly(shared, corpus_file, strategy):
+    """A 2-process run resumed from its step-3 checkpoint (as if killed after it: later checkpoints and the final
+    model removed) with --resume auto ends as the run that went straight to 6: the same losses and bit-identical
+    weights (per-rank RNG, data position, and the DDP / FSDP2-sharded optimizer state restored)."""
+    import shutil
+
+    full = shared / f"{strategy}-b4"
+    args = ("--batch-size", "4", "--grad-accum", "1", "--strategy", strategy)
+    if not (full / "model" / "model.safetensors").exists():  # made by test_torchrun_two_processes_equal_one_process
+        _torchrun(2, _args(shared, corpus_file, full, *args))
+    part = shared / f"{strategy}-resumed"
+    shutil.copytree(full, part)
+    shutil.rmtree(part / "checkpoints" / "step-000006")
+    shutil.rmtree(part / "model")
+    p = _torchrun(2, _args(shared, corpus_file, part, *args, "--resume", "auto"))
+    assert "step-000003" in p.stdout + p.stderr  # it resumed there, not from scratch
+    assert _metrics(part)[0] == _metrics(full)[0]
+    a, b = _weights(part), _weights(full)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_resume_with_another_process_count_is_refused(shared, corpus_file):
     from mlmfast.errors import UserError
     from mlmfast.trainer import TrainConfig, train
