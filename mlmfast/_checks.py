@@ -99,6 +99,17 @@ def _compiling() -> bool:
     return bool(torch.compiler.is_compiling())
 
 
+def check_all(ok: torch.Tensor, message: str) -> None:
+    """Every element of the bool tensor `ok` must be True; else UserError(message) on a CPU tensor in eager mode,
+    a device-side assert (no sync) on CUDA or while compiling (see the module docstring)."""
+    if ok.device.type not in ("cpu", "cuda"):
+        return
+    if ok.device.type == "cuda" or _compiling():
+        torch._assert_async(ok.all(), message)
+    elif not bool(ok.all()):
+        raise UserError(message)
+
+
 def check_range(name: str, t: torch.Tensor, lo: int, hi: int, *, what: str = "value", hi_name: str = "",
                 ignore: Optional[int] = None, where: Optional[torch.Tensor] = None, hint: str = "",
                 op: str = "") -> None:

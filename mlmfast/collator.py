@@ -4,9 +4,9 @@
     loader = DataLoader(dataset, batch_size=32, collate_fn=collator)
     batch = next(iter(loader))   # {"input_ids" (masked), "attention_mask", ..., "labels" (-100 = not predicted)}
 
-Same arguments (tokenizer, mlm, mlm_probability, mask_replace_prob, random_replace_prob, pad_to_multiple_of,
-return_tensors="pt", seed), same keys, shapes, padding (the tokenizer's own `pad`, so its padding side) and label
-convention. The padding happens on the CPU, in the DataLoader worker; the masking is `mlmfast.ops.mask_select`:
+Same arguments in HF's order (tokenizer, mlm, whole_word_mask (False only), mlm_probability, mask_replace_prob,
+random_replace_prob, pad_to_multiple_of, return_tensors="pt", seed; `collator(examples, return_tensors=)`), same
+keys, shapes, padding (the tokenizer's own `pad`, so its padding side) and label convention. The padding happens on the CPU, in the DataLoader worker; the masking is `mlmfast.ops.mask_select`:
   * device=None (default): on the CPU tensors, by the C++ twin (19x the HF collator's masking here), in the
     worker; works with every model and loop, accelerated or not.
   * device="cuda" (or any torch.device): the padded batch is moved there and masked by the CUDA kernel (one
@@ -36,16 +36,26 @@ def _is_int(x) -> bool:
     return isinstance(x, numbers.Integral) and not isinstance(x, bool)
 
 
+def _check_return_tensors(return_tensors) -> None:
+    if return_tensors != "pt":
+        raise UserError(f"MLMCollator supports return_tensors='pt' only, got {return_tensors!r} (the masking runs "
+                        "on torch tensors); use DataCollatorForLanguageModeling for numpy")
+
+
 class MLMCollator:
     """Pads a list of examples into a batch and masks it for MLM; see the module docstring."""
 
-    def __init__(self, tokenizer: Any, mlm: bool = True, mlm_probability: float = 0.15,
-                 mask_replace_prob: float = 0.8, random_replace_prob: float = 0.1,
-                 pad_to_multiple_of: Optional[int] = None, return_tensors: str = "pt", seed: Optional[int] = None,
-                 whole_word_mask: bool = False, *, device: Union[str, torch.device, None] = None,
-                 mode: str = "bernoulli"):
-        if return_tensors != "pt":
-            raise UserError(f"MLMCollator supports return_tensors='pt' only, got {return_tensors!r}")
+    # HF's parameter order (transformers 5.x), so positional calls mean the same thing in both
+    def __init__(self, tokenizer: Any, mlm: bool = True, whole_word_mask: bool = False,
+                 mlm_probability: Optional[float] = 0.15, mask_replace_prob: float = 0.8,
+                 random_replace_prob: float = 0.1, pad_to_multiple_of: Optional[int] = None,
+                 return_tensors: str = "pt", seed: Optional[int] = None, *,
+                 device: Union[str, torch.device, None] = None, mode: str = "bernoulli"):
+        _check_return_tensors(return_tensors)
+        if mlm_probability is None:
+            if mlm:
+                raise UserError("MLMCollator: mlm_probability=None needs mlm=False")
+            mlm_probability = 0.15  # unused without MLM
         if whole_word_mask:
             raise UserError("MLMCollator: whole_word_mask=True is not supported (HF's needs offset mappings); use "
                             "mlmfast's trainer with --whole-word, or DataCollatorForLanguageModeling")
@@ -141,7 +151,9 @@ class MLMCollator:
         info = torch.utils.data.get_worker_info()
         return self.seed + (info.id if info is not None else 0), offset
 
-    def __call__(self, examples: list) -> Any:
+    def __call__(self, examples: list, return_tensors: Optional[str] = None) -> Any:
+        if return_tensors is not None:
+            _check_return_tensors(return_tensors)
         if len(examples) == 0:
             raise UserError("MLMCollator: got an empty list of examples")
         batch = self._pad(examples)

@@ -12,21 +12,25 @@ What changes: the instance's `forward` (an attribute on the model object; the cl
     ─▶ labelled rows first (no host sync on CUDA) ─▶ HF head transform ─▶ fused linear + cross-entropy
     against the HF decoder's weight and bias
 and returns `MaskedLMOutput(loss=..., logits=None)`; logits only with `return_logits=True`, and then only for
-the labelled rows ((N, V), row-major: HF's logits[labels != -100]). Without labels (inference, pipelines) it
-calls HF's own forward, full logits and all.
+the labelled rows ((N, V), row-major: HF's logits[labels != -100]). Without labels (inference, pipelines), and
+in eval mode (`model.eval()`: HF Trainer's evaluate / predict / compute_metrics want the full logits) it calls
+HF's own forward, full logits and all; `positions=` or `return_logits=True` keep the fast path in eval mode.
 What does not change: the weights are the model's own Parameters (no copy), so optimizers, save_pretrained,
 from_pretrained, state_dict and tied embeddings behave as before. Dropout modules are HF's.
 
 Differences from HF that a user can see: the loss of a batch without any labelled token is 0.0 (HF: NaN);
 labels are not range-checked (no host sync); hidden states of padded positions are not computed the same way
-(they reach no loss). Unsupported models and configs raise a UserError saying what is unsupported, never a
-silently different loss: decoders, cross-attention, relative position embeddings, quantized or offloaded
-(device_map hooks) models, non-2-D attention masks, inputs_embeds, output_attentions / output_hidden_states.
+(they reach no loss; a label at a padded position is an error: UserError on CPU, a device assert on CUDA);
+`return_dict=False` gives (loss, logits) with logits None unless requested. Unsupported models and configs
+raise a UserError saying what is unsupported, never a silently different loss: decoders, cross-attention,
+relative position embeddings, quantized or offloaded (device_map hooks) models, subclasses that override the
+forward of a module the fast path bypasses, hooks on those modules (checked at every call), non-2-D attention
+masks, inputs_embeds, output_attentions / output_hidden_states (argument or config).
 """
 from __future__ import annotations
 
 import sys
-import types
+import warnings
 from typing import Any, Callable, Optional
 
 import torch
@@ -35,7 +39,7 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 
 from . import fast
-from ._checks import INT, check_tensor, shape_str
+from ._checks import INT, check_all, check_tensor, shape_str
 from .errors import UserError
 
 PATHS = ("fast", "reference")
@@ -93,7 +97,42 @@ def unsupported_reasons(model: nn.Module) -> list[str]:
         _head(model)
     except (AttributeError, TypeError) as exc:
         why.append(f"the MLM head has an unknown layout ({exc})")
+        return why
+    for name, m in _bypassed_modules(model):
+        cls = next(c for c in type(m).__mro__ if "forward" in c.__dict__)
+        if not cls.__module__.startswith(("transformers.", "torch.nn.")):
+            why.append(f"{name}: its forward is overridden by {cls.__module__}.{cls.__qualname__}, which the fast path "
+                       "would skip (it calls the module's parts); accelerate the stock transformers class")
+    why += _hook_reasons(model)
     return why
+
+
+def _bypassed_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """(name, module) of every module whose own forward the fast path does not call (it calls their parts), the
+    model included. Modules it calls (embeddings, q/k/v, attention.output, intermediate, output, the head
+    transform) run as usual, hooks and all."""
+    prefix = model.base_model_prefix
+    base = getattr(model, prefix)
+    out = [("the model", model), (prefix, base), (f"{prefix}.encoder", base.encoder)]
+    for i, layer in enumerate(base.encoder.layer):
+        at = f"{prefix}.encoder.layer.{i}"
+        out += [(at, layer), (f"{at}.attention", layer.attention), (f"{at}.attention.self", layer.attention.self)]
+    if _head_kind(model) == "bert":
+        out += [("cls", model.cls), ("cls.predictions", model.cls.predictions)]
+    else:
+        out += [("lm_head", model.lm_head)]
+    out.append(("the decoder (output embeddings)", model.get_output_embeddings()))
+    return out
+
+
+_HOOKS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
+
+
+def _hook_reasons(model: nn.Module) -> list[str]:
+    """Hooks the fast path would not run: those on the modules it bypasses (the model's own run as usual)."""
+    return [f"{name} has {kind.strip('_').replace('_', ' ')} that the fast path would not run; remove them, or "
+            "use mlmfast.accelerate(model, path='reference')"
+            for name, m in _bypassed_modules(model)[1:] for kind in _HOOKS if getattr(m, kind, None)]
 
 
 def _head(model: nn.Module) -> tuple[Callable[[torch.Tensor], torch.Tensor], nn.Linear]:
@@ -126,21 +165,35 @@ def _fast_forward(self, input_ids: Optional[torch.Tensor] = None, attention_mask
     """HF's MLM forward signature, plus positions / position_labels (B, P) and return_logits (see the module)."""
     from transformers.modeling_outputs import MaskedLMOutput
 
-    if labels is None and positions is None:  # inference: HF's own forward, full logits
+    if positions is None and not return_logits and (labels is None or not self.training):
+        # inference, and evaluation in eval mode (HF Trainer's evaluate / predict / compute_metrics read the full
+        # logits): HF's own forward, full logits and all
+        if labels is None and self.training and not getattr(self, "_mlmfast_warned_no_labels", False):
+            self._mlmfast_warned_no_labels = True
+            warnings.warn("mlmfast.accelerate: the model was called in training mode without labels, so HF's own "
+                          "forward ran (not accelerated). HF's Trainer does this when label_smoothing_factor > 0 "
+                          "(it computes the loss itself); pass labels to the model to use the fast path.",
+                          stacklevel=5)  # the caller of model(...)
         return type(self).forward(self, input_ids=input_ids, attention_mask=attention_mask,
                                   token_type_ids=token_type_ids, position_ids=position_ids, inputs_embeds=inputs_embeds,
                                   encoder_hidden_states=encoder_hidden_states,
-                                  encoder_attention_mask=encoder_attention_mask, **kwargs)
+                                  encoder_attention_mask=encoder_attention_mask, labels=labels, **kwargs)
     for name, value in (("inputs_embeds", inputs_embeds), ("encoder_hidden_states", encoder_hidden_states),
                         ("encoder_attention_mask", encoder_attention_mask)):
         if value is not None:
             raise UserError(f"mlmfast.accelerate: {name} is not supported on the fast path; pass input_ids, or "
                             "switch back with mlmfast.accelerate(model, path='reference')")
     for name in ("output_attentions", "output_hidden_states"):
-        if kwargs.get(name):
-            raise UserError(f"mlmfast.accelerate: {name}=True is not supported on the fast path (the fused kernels "
-                            "keep neither); switch back with mlmfast.accelerate(model, path='reference')")
+        if kwargs.get(name, getattr(self.config, name, False)):
+            raise UserError(f"mlmfast.accelerate: {name}=True (argument or config) is not supported on the fast path "
+                            "(the fused kernels keep neither); set it False, or switch back with "
+                            "mlmfast.accelerate(model, path='reference')")
+    hooks = _hook_reasons(self)  # hooks may be added after accelerate()
+    if hooks:
+        raise UserError("mlmfast.accelerate: " + "; ".join(hooks))
     return_dict = kwargs.get("return_dict", None)
+    if return_dict is None:
+        return_dict = getattr(self.config, "return_dict", True)
     _check_inputs(input_ids, attention_mask, token_type_ids, labels)
     if labels is not None:
         labels = labels.to(input_ids.device)
@@ -164,12 +217,18 @@ def _fast_forward(self, input_ids: Optional[torch.Tensor] = None, attention_mask
     B, L, _ = x.shape
     pos, lab = fast.target_positions(B, L, x.device, labels if positions is None else None, positions,
                                      position_labels)  # (B, P) positions to predict
+    if keep is not None:  # a label at a padded position: HF computes it (from a padded query row), we cannot
+        lab_ok = lab != fast.IGNORE_INDEX
+        at_token = keep.gather(1, pos.clamp(max=L - 1))
+        check_all(~lab_ok | at_token, "mlmfast.accelerate: a label (!= -100) sits at a padded position "
+                  "(attention_mask == 0); HF's collators never do that: set those labels to -100")
     rows = _layer(last, x, keep, backend, self.training, pos)  # (B*P, H): the last layer at those rows only
     sel = fast.compact_rows(rows, lab)  # (C, H), labelled rows first
     transform, decoder = _head(self)
     loss, logits = fast.mlm_head_loss(sel, transform, decoder.weight, decoder.bias, backend, return_logits)
-    out = MaskedLMOutput(loss=loss, logits=logits)
-    return out.to_tuple() if return_dict is False else out
+    if not return_dict:
+        return (loss, logits)  # HF's order; logits None unless return_logits=True
+    return MaskedLMOutput(loss=loss, logits=logits)
 
 
 def _layer(layer: nn.Module, x: torch.Tensor, keep: Optional[torch.Tensor], backend: str, training: bool,
@@ -223,8 +282,19 @@ def accelerate(model: nn.Module, *, path: str = "fast", backend: str = "auto") -
     if why:
         raise UserError("mlmfast.accelerate cannot run this model's fast path: " + "; ".join(why))
     model._mlmfast_backend = backend
-    model.forward = types.MethodType(_fast_forward, model)
+    model.forward = _FastForward(model)
     return model
+
+
+class _FastForward:
+    """The instance's forward: `_fast_forward` bound to the model. A class rather than a bound method, so that
+    `torch.save(model)` / pickle round-trip (a bound method pickles as getattr(model, "_fast_forward"))."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+
+    def __call__(self, *args: Any, **kwargs: Any):
+        return _fast_forward(self.model, *args, **kwargs)
 
 
 def is_accelerated(model: nn.Module) -> bool:
@@ -232,4 +302,4 @@ def is_accelerated(model: nn.Module) -> bool:
 
     if isinstance(model, BertForMLM):
         return model.path == "fast"
-    return "forward" in model.__dict__ and getattr(model.forward, "__func__", None) is _fast_forward
+    return isinstance(model.__dict__.get("forward"), _FastForward)

@@ -135,6 +135,24 @@ def test_bad_arguments(tokenizer):
         MLMCollator(tokenizer, mask_replace_prob=0.9, random_replace_prob=0.2)
     with pytest.raises(UserError, match="pad_to_multiple_of"):
         MLMCollator(tokenizer, pad_to_multiple_of=0)
+    with pytest.raises(UserError, match="return_tensors"):
+        MLMCollator(tokenizer)([{"input_ids": [2, 5, 3]}], return_tensors="np")
+    with pytest.raises(UserError, match="mlm=False"):
+        MLMCollator(tokenizer, mlm_probability=None)
+
+
+def test_signature_and_call_match_hf(tokenizer):
+    """Positional arguments mean what they mean in DataCollatorForLanguageModeling; __call__ takes return_tensors."""
+    import inspect
+
+    from transformers import DataCollatorForLanguageModeling
+
+    hf = list(inspect.signature(DataCollatorForLanguageModeling).parameters)
+    ours = list(inspect.signature(MLMCollator).parameters)
+    assert ours[:len(hf)] == hf
+    assert MLMCollator(tokenizer, True, False, 0.4).mlm_probability == 0.4
+    assert "labels" in MLMCollator(tokenizer, seed=0)([{"input_ids": [2, 5, 6, 3]}], return_tensors="pt")
+    assert "labels" in MLMCollator(tokenizer, mlm=False, mlm_probability=None)([{"input_ids": [2, 5, 3]}])
 
 
 @pytest.mark.gpu

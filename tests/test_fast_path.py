@@ -240,6 +240,7 @@ def test_accelerated_hf_all_padding_row_and_positions(kind):
 
 
 @pytest.mark.filterwarnings("ignore::FutureWarning")  # gradient_checkpointing_enable's rename in transformers 5.2x
+@pytest.mark.filterwarnings("ignore:mlmfast.accelerate. the model was called in training mode without labels")
 def test_accelerated_hf_logits_tuple_inference_and_checkpointing():
     model = hf_model("bert")
     ids, am, labels = hf_batch(model, 3, 17)
@@ -299,6 +300,61 @@ def test_unsupported_models_and_calls_are_reported():
         model(inputs_embeds=torch.randn(2, 9, 32), attention_mask=am, labels=labels)
     with pytest.raises(UserError, match="4-D"):
         model(input_ids=ids, attention_mask=am[:, None, None, :], labels=labels)
+    bad = labels.clone()
+    bad[am == 0] = 7  # a label at a padded position: HF computes one there, the fast path cannot
+    assert (am == 0).any()
+    with pytest.raises(UserError, match="padded position"):
+        model(input_ids=ids, attention_mask=am, labels=bad)
+    model.config.output_hidden_states = True
+    with pytest.raises(UserError, match="output_hidden_states"):
+        model(input_ids=ids, attention_mask=am, labels=labels)
+
+
+class _DoubledLoss(transformers.BertForMaskedLM):
+    def forward(self, *a, **k):
+        out = super().forward(*a, **k)
+        out.loss = out.loss * 2
+        return out
+
+
+def test_overrides_and_hooks_the_fast_path_would_skip_are_reported():
+    with pytest.raises(UserError, match="overridden by"):
+        mlmfast.accelerate(_DoubledLoss(hf_model("bert").config))
+    model = hf_model("bert")
+    handle = model.cls.register_forward_hook(lambda mod, i, o: o / 2)
+    with pytest.raises(UserError, match="cls has forward hooks"):
+        mlmfast.accelerate(model)
+    handle.remove()
+    mlmfast.accelerate(model)
+    ids, am, labels = hf_batch(model, 2, 9)
+    model(input_ids=ids, attention_mask=am, labels=labels)
+    model.bert.encoder.layer[0].attention.self.register_forward_pre_hook(lambda mod, args: None)  # added later
+    with pytest.raises(UserError, match="layer.0.attention.self has forward pre hooks"):
+        model(input_ids=ids, attention_mask=am, labels=labels)
+
+
+def test_accelerated_model_in_eval_mode_pickles_and_tuples(tmp_path):
+    """eval(): HF's own forward (full logits for HF Trainer's metrics); torch.save / torch.load of the accelerated
+    model; return_dict=False gives HF's (loss, logits) order; a train-mode call without labels warns."""
+    model = hf_model("bert")
+    ids, am, labels = hf_batch(model, 3, 17)
+    mlmfast.accelerate(model)
+    model.eval()
+    out = model(input_ids=ids, attention_mask=am, labels=labels)
+    assert out.logits is not None and out.logits.shape == (3, 17, V)
+    mlmfast.accelerate(model, path="reference")
+    ref = model(input_ids=ids, attention_mask=am, labels=labels)
+    torch.testing.assert_close(out.loss, ref.loss)
+    mlmfast.accelerate(model).train()
+    torch.save(model, tmp_path / "m.pt")
+    loaded = torch.load(tmp_path / "m.pt", weights_only=False)
+    assert mlmfast.hf.is_accelerated(loaded)
+    a, b = loaded(input_ids=ids, attention_mask=am, labels=labels), model(input_ids=ids, attention_mask=am, labels=labels)
+    torch.testing.assert_close(a.loss, b.loss)
+    loss, logits = model(input_ids=ids, attention_mask=am, labels=labels, return_dict=False)
+    assert loss.dim() == 0 and logits is None
+    with pytest.warns(UserWarning, match="without labels"):
+        model(input_ids=ids, attention_mask=am)
 
 
 # ---- the trainer ------------------------------------------------------------------------------------------------
