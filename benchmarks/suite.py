@@ -84,7 +84,7 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
                                                                      "benchmarks/harness.py)")
     g = ap.add_argument_group("output")
     g.add_argument("--out", default=None, help="directory (default: benchmarks/results)")
-    g.add_argument("--name", default=None, help="file stem (default: <date>-<device>)")
+    g.add_argument("--name", default=None, help="file stem (default: <date>-<device>, + -smoke with --smoke)")
     g.add_argument("--no-plot", action="store_true")
     g.add_argument("--quiet", action="store_true", help="no per-row lines, only the tables")
 
@@ -184,7 +184,8 @@ def _run(args, device, suites, dists, paths, ops, models, seq_lens, batch_sizes,
         peak_tflops(env["device"]) if device.type == "cuda" else (None, "CPU: MFU not reported")
     out_dir = Path(args.out) if args.out else HERE / "results"
     out_dir.mkdir(parents=True, exist_ok=True)
-    name = args.name or f"{_dt.date.today().isoformat()}-{short_device(env)}"
+    # a smoke run proves the suite works; it must not replace the dated results the README quotes
+    name = args.name or f"{_dt.date.today().isoformat()}-{short_device(env)}" + ("-smoke" if args.smoke else "")
     stem = out_dir / name
     deadline = None if args.time_budget is None else t_start + args.time_budget
 

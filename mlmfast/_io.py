@@ -29,10 +29,36 @@ def _replaced_by(tmp: str, path: str | os.PathLike):
         raise
 
 
+def _umask() -> int:
+    mask = os.umask(0o022)  # reading the umask means setting it: put it straight back
+    os.umask(mask)
+    return mask
+
+
+def default_modes(path: str | os.PathLike) -> None:
+    """Give `path` (a file, or a directory and everything in it) the modes an ordinary open()/mkdir would have under
+    the process's umask. mkstemp / mkdtemp and safetensors create 0600 files and 0700 directories: published
+    under those, a run's model, checkpoints or prepared shards would be unreadable to the other users of a shared
+    disk (other nodes' ranks, a colleague loading the model)."""
+    mask = _umask()
+    fmode, dmode = 0o666 & ~mask, 0o777 & ~mask
+    path = os.fspath(path)
+    if not os.path.isdir(path):
+        os.chmod(path, fmode)
+        return
+    os.chmod(path, dmode)
+    for root, dirs, files in os.walk(path):
+        for d in dirs:
+            os.chmod(os.path.join(root, d), dmode)
+        for f in files:
+            os.chmod(os.path.join(root, f), fmode)
+
+
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     """Write `text` to a temporary file in the same directory, fsync it, then rename it over `path`."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.fchmod(fd, 0o666 & ~_umask())  # mkstemp's 0600 -> what open() would have given
     with _replaced_by(tmp, path):
         with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
             f.write(text)
@@ -64,7 +90,9 @@ def sha256_file(path: str | os.PathLike) -> str:
 
 def replace_dir(src: str | os.PathLike, dest: str | os.PathLike, aside: str | os.PathLike) -> None:
     """Rename directory `src` to `dest`. An existing `dest` is first renamed to `aside` and deleted afterwards,
-    so at every moment `dest` is either the old directory, absent, or the new one (never a mix)."""
+    so at every moment `dest` is either the old directory, absent, or the new one (never a mix). `src` gets the
+    umask's default modes first (see default_modes)."""
+    default_modes(src)
     if os.path.exists(dest):
         os.replace(dest, aside)
         os.replace(src, dest)

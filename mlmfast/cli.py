@@ -10,6 +10,7 @@ import json
 import os
 import sys
 import time
+from typing import Optional
 
 from .errors import UserError
 
@@ -81,12 +82,30 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
                    help="stop after this many steps in a row with a non-finite loss or gradient (each is skipped; "
                         f"default: {d.max_bad_steps})")
     g.add_argument("--deterministic", action="store_true",
-                   help="torch.use_deterministic_algorithms(True): bit-identical reruns and resumes")
+                   help="torch.use_deterministic_algorithms(True): bit-identical resumes, and reruns with a fixed "
+             "--tokenizer (training a tokenizer is not deterministic in ties)")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
     g = p.add_argument_group("several processes (launch with torchrun)")
     g.add_argument("--strategy", choices=["ddp", "fsdp"], default=d.strategy,
                    help="ddp: replicated weights, all-reduced gradients (default); fsdp: FSDP2 fully_shard, "
                         "weights, gradients and optimizer state sharded over the processes")
+
+
+_FIELD_OF = {"out": "out_dir", "no_pack": "pack", "attn": "attn_implementation", "no_progress": "progress"}
+
+
+def _typed_train_fields(argv: Optional[list[str]]) -> Optional[set[str]]:
+    """The TrainConfig fields whose flags appear in argv (None: unknown, e.g. cmd_train called directly)."""
+    if argv is None:
+        return None
+    p = argparse.ArgumentParser(add_help=False)
+    _add_train_args(p)
+    typed = set()
+    for action in p._actions:
+        for opt in action.option_strings:
+            if any(a == opt or a.startswith(opt + "=") for a in argv):
+                typed.add(_FIELD_OF.get(action.dest, action.dest))
+    return typed
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -106,7 +125,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         progress=not args.no_progress, max_bad_steps=args.max_bad_steps, deterministic=args.deterministic,
         strategy=args.strategy,
     )
-    r = train(cfg, resume=args.resume or False)
+    r = train(cfg, resume=args.resume or False, explicit=_typed_train_fields(getattr(args, "_argv", None)))
     if int(os.environ.get("RANK", "0")) != 0:  # torchrun: rank 0 reports
         return 0
     print()
@@ -414,7 +433,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
+    args._argv = argv
     try:
         return args.func(args)
     except UserError as exc:
@@ -422,9 +443,26 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("interrupted; `mlmfast train --resume auto --out RUN_DIR` continues from the last checkpoint",
+    except BrokenPipeError:  # e.g. `mlmfast info --json | head`
+        sys.stderr.close()
+        return 0
+    except OSError as exc:  # a path that cannot be written or read, a full disk: one line, not a traceback
+        if args.debug:
+            raise
+        where = f" ({exc.filename})" if getattr(exc, "filename", None) else ""
+        print(f"error: {exc.strerror or exc}{where}; check the path and free space (--debug shows the traceback)",
               file=sys.stderr)
+        return 2
+    except KeyboardInterrupt as exc:
+        from .trainer import TrainingStopped
+
+        if isinstance(exc, TrainingStopped):
+            print(str(exc), file=sys.stderr)
+        elif args.command == "train":
+            print(f"interrupted; `mlmfast train --resume auto --out {args.out}` continues from the last checkpoint "
+                  "(if one was written)", file=sys.stderr)
+        else:
+            print("interrupted", file=sys.stderr)
         return 130
 
 

@@ -33,6 +33,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ._checks import INT, check_range, check_tensor, shape_str
+from ._io import default_modes
 from .config import ModelConfig
 from .errors import UserError
 
@@ -449,6 +450,7 @@ class BertForMLM(nn.Module):
         try:
             self.config.save(tmp)
             save_file(tensors, os.path.join(tmp, WEIGHTS_NAME), metadata={"format": "pt"})
+            default_modes(tmp)  # safetensors writes 0600
             for name in ("config.json", WEIGHTS_NAME):
                 os.replace(os.path.join(tmp, name), os.path.join(directory, name))
         finally:

@@ -49,7 +49,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from mlmfast._io import atomic_write_json, sha256_file
+from mlmfast._io import atomic_write_json, default_modes, sha256_file
 from mlmfast.data import TEXT_SUFFIXES, _jsonl_documents, _read_text, _text_documents, _walk
 from mlmfast.errors import UserError
 from mlmfast.tokenizer import MLMTokenizer
@@ -207,6 +207,7 @@ def _check_out_dir(out: Path, overwrite: bool) -> None:
 def _install(tmp: Path, out: Path, overwrite: bool) -> None:
     """Move the finished directory `tmp` to `out` (checked again: another process may have written there)."""
     _check_out_dir(out, overwrite)
+    default_modes(tmp)  # mkdtemp's 0700: readable by the other ranks / users, as a mkdir would be
     if out.exists() and any(out.iterdir()):  # an earlier prepared directory: swap it out, then delete it
         trash = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.old-{os.getpid()}-"))
         os.replace(out, trash / out.name)

@@ -125,6 +125,11 @@ class TrainConfig:
             raise UserError(f"val-fraction={self.val_fraction} must be in [0, 1)")
         if self.lr <= 0:
             raise UserError(f"lr={self.lr} must be > 0")
+        if self.dropout is not None and not 0.0 <= self.dropout < 1.0:
+            raise UserError(f"dropout={self.dropout} must be in [0, 1)")
+        if self.model not in PRESETS and not os.path.isdir(self.model):  # before any tokenizing
+            raise UserError(f"--model {self.model!r} is neither a preset ({', '.join(PRESETS)}) nor a model "
+                            "directory")
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -432,14 +437,15 @@ def _is_model_dir(path: str) -> bool:
 
 
 def prepare_tokenizer(cfg: TrainConfig, run_dir: str, fallback: Callable[[], Any],
-                      check: Optional[Callable[[Any], None]] = None):
+                      check: Optional[Callable[[Any], None]] = None, reuse_own: bool = True):
     """The run's tokenizer: the run's own (resume), --tokenizer, the --model directory's, or `fallback()` (a
     tokenizer trained on the corpus, or the prepared shards' own). `check(tok)` runs before a new choice is saved
-    into RUN/tokenizer, so a rejected tokenizer never becomes the run's."""
+    into RUN/tokenizer, so a rejected tokenizer never becomes the run's. reuse_own=False (a new run): a
+    RUN/tokenizer left by an attempt that failed before its first checkpoint is replaced, not reused."""
     from .tokenizer import MLMTokenizer
 
     own = os.path.join(run_dir, "tokenizer")
-    if os.path.isfile(os.path.join(own, "tokenizer.json")):
+    if reuse_own and os.path.isfile(os.path.join(own, "tokenizer.json")):
         tok = MLMTokenizer.load(own)
         if check is not None:
             check(tok)
@@ -456,7 +462,7 @@ def prepare_tokenizer(cfg: TrainConfig, run_dir: str, fallback: Callable[[], Any
     return tok
 
 
-def build_run_data(cfg: TrainConfig, run_dir: str, log: Callable[[str], None], env=None):
+def build_run_data(cfg: TrainConfig, run_dir: str, log: Callable[[str], None], env=None, reuse_own: bool = True):
     """(train dataset, val dataset (may be empty), tokenizer, description) of a run. `--data DIR` holding a
     `mlmfast prepare` manifest streams memory-mapped shards (checked against the run's tokenizer); anything else
     is read and tokenized in memory. Under torchrun rank 0 trains/saves the tokenizer, the others load it."""
@@ -469,7 +475,7 @@ def build_run_data(cfg: TrainConfig, run_dir: str, log: Callable[[str], None], e
     t0 = time.time()
 
     def run_tokenizer(fallback, check=None):  # rank 0 chooses (and saves) it, the others load what it saved
-        tok = prepare_tokenizer(cfg, run_dir, fallback, check) if env.is_main else None
+        tok = prepare_tokenizer(cfg, run_dir, fallback, check, reuse_own) if env.is_main else None
         env.barrier()
         return tok if tok is not None else MLMTokenizer.load(os.path.join(run_dir, "tokenizer"))
 
@@ -564,6 +570,40 @@ class NonFiniteError(UserError):
     """Too many optimizer steps in a row had a non-finite loss or gradient."""
 
 
+class TrainingStopped(KeyboardInterrupt):
+    """Ctrl-C or SIGTERM during training: the run stopped at a step boundary with a checkpoint (str: what to do)."""
+
+
+class _StopRequest:
+    """SIGINT / SIGTERM during a single-process run: the first asks the loop to stop after the current step (with a
+    checkpoint), a second stops at once (KeyboardInterrupt). Several processes (torchrun) keep the default
+    handlers: agreeing on a stop step would need a collective, i.e. a host sync, every step."""
+
+    def __init__(self, enabled: bool, say: Callable[[str], None]):
+        import signal
+        import threading
+
+        self.requested = False
+        self._say = say
+        self._old = {}
+        if enabled and threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._old[sig] = signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        self._say("stopping after this step (a checkpoint is written); press Ctrl-C again to stop at once")
+
+    def restore(self) -> None:
+        import signal
+
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+        self._old.clear()
+
+
 def _resolve_resume(resume, run_dir: str, log: Callable[[str], None]) -> tuple[bool, Optional[str], str]:
     """(resume at all, the checkpoint to load or None, run_dir) for resume = False | True | "latest" | "auto" |
     a checkpoint directory. "auto" continues the run in run_dir from its newest valid checkpoint if there is a
@@ -586,12 +626,13 @@ def _resolve_resume(resume, run_dir: str, log: Callable[[str], None]) -> tuple[b
 
 
 def train(cfg: TrainConfig, resume: bool | str = False, log: Callable[[str], None] = _print,
-          stop_after: Optional[int] = None) -> TrainResult:
+          stop_after: Optional[int] = None, explicit: Optional[set[str]] = None) -> TrainResult:
     """Train (or resume) a run described by `cfg`. resume: False, True / "latest" (the newest valid checkpoint of
     cfg.out_dir), "auto" (that, or a new run when cfg.out_dir holds none) or a checkpoint directory.
     `stop_after` ends this invocation after that optimizer step, with a checkpoint, as if the process had been
     stopped there (used by the resume tests). Under torchrun (WORLD_SIZE > 1) this is one rank of a
-    data-parallel run: see mlmfast/distributed.py."""
+    data-parallel run: see mlmfast/distributed.py. `explicit`: on resume, the only fields of `cfg` that may
+    replace the run's saved ones (the CLI passes the flags the user typed; None = every resumable field)."""
     from .distributed import setup_distributed, shutdown_distributed
 
     started = not torch.distributed.is_available() or not torch.distributed.is_initialized()
@@ -601,7 +642,7 @@ def train(cfg: TrainConfig, resume: bool | str = False, log: Callable[[str], Non
     det = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
     cublas_ws = os.environ.get("CUBLAS_WORKSPACE_CONFIG")
     try:
-        return _train(cfg, resume, log if env.is_main else (lambda msg: None), stop_after, env, dist_device)
+        return _train(cfg, resume, log if env.is_main else (lambda msg: None), stop_after, env, dist_device, explicit)
     finally:
         torch.use_deterministic_algorithms(det[0], warn_only=det[1])
         if cublas_ws is None:
@@ -610,8 +651,12 @@ def train(cfg: TrainConfig, resume: bool | str = False, log: Callable[[str], Non
             shutdown_distributed(env)
 
 
+RESUMABLE = ("max_steps", "progress", "eval_every", "log_every", "save_every", "keep_checkpoints", "num_workers",
+             "device", "max_bad_steps")  # what a resume may change; everything else defines the run
+
+
 def _train(cfg: TrainConfig, resume, log: Callable[[str], None], stop_after: Optional[int], env,
-           dist_device: Optional[torch.device]) -> TrainResult:
+           dist_device: Optional[torch.device], explicit: Optional[set[str]] = None) -> TrainResult:
     from .data import make_loader
     from .distributed import (full_model_state, full_optimizer_state, is_fsdp, load_full_model_state,
                               load_full_optimizer_state, unwrap, wrap_model)
@@ -623,9 +668,15 @@ def _train(cfg: TrainConfig, resume, log: Callable[[str], None], stop_after: Opt
     if resume:
         with open(cfg_path) as f:
             saved = TrainConfig.from_json(json.load(f))
-        # Everything that defines the run comes from the saved config; the step budget and logging may change.
-        keep = {k: getattr(cfg, k) for k in ("max_steps", "progress", "eval_every", "log_every", "save_every",
-                                               "keep_checkpoints", "num_workers", "device", "max_bad_steps")}
+        # Everything that defines the run comes from the saved config; the step budget and logging may change
+        # (only where asked: a bare `--resume auto --out RUN` keeps the run's own --max-steps etc.).
+        keep = {k: getattr(cfg, k) for k in RESUMABLE if explicit is None or k in explicit}
+        fields = {f.name for f in dataclasses.fields(TrainConfig)}
+        ignored = sorted(k for k in (explicit or ()) if k in fields and k not in RESUMABLE and k != "out_dir"
+                         and getattr(cfg, k) != getattr(saved, k))
+        if ignored:
+            log("resume: the run's own settings are kept for " + ", ".join(
+                f"{k} ({getattr(saved, k)!r}, not {getattr(cfg, k)!r})" for k in ignored))
         cfg = dataclasses.replace(saved, **keep)
         cfg.out_dir = run_dir
     cfg.validate()
@@ -644,7 +695,7 @@ def _train(cfg: TrainConfig, resume, log: Callable[[str], None], stop_after: Opt
     amp_dtype = resolve_precision(cfg.precision, device)
 
     torch.manual_seed(cfg.seed)  # every rank builds the same model
-    train_ds, val_ds, tokenizer, source = build_run_data(cfg, run_dir, log, env)
+    train_ds, val_ds, tokenizer, source = build_run_data(cfg, run_dir, log, env, reuse_own=bool(resume))
     B, W = cfg.batch_size, env.world_size
     per_step = B * cfg.grad_accum * W
     if len(train_ds) < B * W:
@@ -786,6 +837,7 @@ def _train(cfg: TrainConfig, resume, log: Callable[[str], None], stop_after: Opt
                 f"by them; the last good checkpoint is {last_ckpt or '(none yet)'}. Lower --lr, raise "
                 "--warmup-steps, use --precision bf16 or fp32, or check the data; then resume with --resume auto")
 
+    stop = _StopRequest(W == 1, say)
     try:
         while step < end_step:
             # 1. Fetch and mask every micro-batch of the step (cheap), so the loss can be normalised by the
@@ -839,6 +891,11 @@ def _train(cfg: TrainConfig, resume, log: Callable[[str], None], stop_after: Opt
                               f"ppl {last_val['val_ppl']:.1f}, accuracy {100 * last_val['val_acc']:.1f}%")
             if step % cfg.save_every == 0 or step == end_step:
                 last_ckpt = save(step)
+            elif stop.requested:
+                last_ckpt = save(step)
+            if stop.requested and step < end_step:
+                raise TrainingStopped(f"stopped at step {step} of {cfg.max_steps} with a checkpoint ({last_ckpt}); "
+                                      f"`mlmfast train --resume auto --out {run_dir}` continues from there")
     except torch.OutOfMemoryError as exc:
         raise UserError(
             f"out of {device.type.upper()} memory at --batch-size {B}, --seq-len {cfg.seq_len} on {device} "
@@ -847,6 +904,7 @@ def _train(cfg: TrainConfig, resume, log: Callable[[str], None], stop_after: Opt
             f"--seq-len, or --strategy fsdp under torchrun; then --resume auto continues from "
             f"{last_ckpt or 'the start'}") from None
     finally:
+        stop.restore()
         bar.close()
     seconds = time.time() - t_start
 

@@ -201,3 +201,67 @@ def test_eval_on_prepared_shards(trained_run, corpus_file, tmp_path, capsys):
     assert code == 0, err
     r = json.loads(out)
     assert r["val_tokens"] > 0 and 0 < r["val_loss"] < 20
+
+
+def test_bare_resume_keeps_the_runs_own_settings(trained_run, tmp_path, capsys):
+    """`mlmfast train --resume auto --out RUN` (the README's command) keeps the run's --max-steps, --save-every,
+    ... instead of the CLI defaults; a typed --max-steps still extends it; a typed flag that defines the run is
+    reported as ignored."""
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    saved = json.loads((run / "train_config.json").read_text())
+    code, out, err = run_cli(capsys, "train", "--resume", "auto", "--out", str(run), "--no-progress", "--lr", "0.5")
+    assert code == 0, err
+    now = json.loads((run / "train_config.json").read_text())
+    assert now["max_steps"] == saved["max_steps"] == 12 and now["save_every"] == saved["save_every"]
+    assert now["lr"] == saved["lr"] and "settings are kept for lr" in out
+
+
+def test_published_files_follow_the_umask(trained_run):
+    """mkstemp / safetensors write 0600: the run's files must be readable by the other users of a shared disk."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    if mask & 0o044:
+        pytest.skip(f"umask {mask:o} hides files from others anyway")
+    for rel in ("model/model.safetensors", "train_config.json", "tokenizer/tokenizer.json"):
+        assert os.stat(trained_run / rel).st_mode & 0o044 == 0o044, rel
+    ckpt = sorted((trained_run / "checkpoints").iterdir())[-1]
+    assert os.stat(ckpt).st_mode & 0o055 == 0o055
+    assert os.stat(ckpt / "model.safetensors").st_mode & 0o044 == 0o044
+
+
+def test_ctrl_c_stops_at_a_step_boundary_with_a_checkpoint(corpus_file, tmp_path):
+    """SIGINT (as SIGTERM) during training: the run finishes the step, writes a checkpoint, says how to resume,
+    exits 130; --resume auto then continues from that step."""
+    import signal
+    import time
+
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "mlmfast", "train", "--data", str(corpus_file), "--out", str(out), "--max-steps",
+           "100000", "--save-every", "100000", "--log-every", "1", *TINY]
+    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    metrics = out / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (metrics.exists() and metrics.read_text().count('"train"') >= 2):
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stderr[-2000:]
+    assert "stopped at step" in stderr and f"--out {out}" in stderr
+    ckpts = sorted((out / "checkpoints").glob("step-*"))
+    assert ckpts, stderr[-2000:]
+    step = int(ckpts[-1].name[5:])
+    code = subprocess.run([sys.executable, "-m", "mlmfast", "train", "--resume", "auto", "--out", str(out),
+                           "--max-steps", str(step + 2), "--no-progress"], capture_output=True, text=True, env=env)
+    assert code.returncode == 0 and f"done: {step + 2} steps" in code.stdout, code.stderr[-2000:]
+
+
+def test_unwritable_out_is_one_error_line(corpus_file, tmp_path, capsys):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    code, out, err = run_cli(capsys, "train", "--data", str(corpus_file), "--out", str(blocker / "run"),
+                             "--max-steps", "1", *TINY)
+    assert code == 2 and err.startswith("error: ") and err.count("\n") == 1, err
