@@ -169,7 +169,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         ds = corpus.dataset("val", seq_len=cfg.seq_len, pack=cfg.pack)
         what = f"the validation split of the prepared shards {data[0]}"
     elif args.data:
-        cfg = TrainConfig(data=list(args.data), seq_len=args.seq_len or 128)
+        cfg = TrainConfig(data=list(args.data), seq_len=args.seq_len or (run_cfg.seq_len if run_cfg else 128))
         docs, source = load_documents(cfg.data)
         ds, _ = build_datasets(docs, tokenizer, seq_len=cfg.seq_len, pack=True, val_fraction=0.0, seed=0)
         what = f"all of {source}"
@@ -186,7 +186,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
                         f"({model.config.max_position_embeddings}); use a shorter --seq-len")
     if len(ds) == 0:
         raise UserError("nothing to evaluate: the data gave no rows")
-    loader = make_loader(ds, args.batch_size, shuffle=False, drop_last=False)
+    # masks are drawn per batch (seeded by its index): the run's batch size reproduces its validation numbers
+    batch_size = args.batch_size or (run_cfg.batch_size if run_cfg is not None else 32)
+    loader = make_loader(ds, batch_size, shuffle=False, drop_last=False)
     spec = MaskingSpec.from_config(cfg, tokenizer)
     t0 = time.time()
     r = evaluate(model, loader, spec, device, args.batches, None)
@@ -382,9 +384,11 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("path", help="run directory, checkpoint directory or HF BERT directory")
     e.add_argument("--data", nargs="+", default=[], metavar="PATH", help="evaluate on this text instead")
     e.add_argument("--seq-len", type=int, default=None, help="row length (default: the run's, or 128)")
-    e.add_argument("--batch-size", type=int, default=32)
+    e.add_argument("--batch-size", type=int, default=None,
+                   help="rows per batch (default: the run's --batch-size, so the masks match its validation; "
+                        "else 32)")
     e.add_argument("--batches", type=int, default=0, help="evaluate at most this many batches (0 = all)")
-    e.add_argument("--device", default="auto")
+    e.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     e.add_argument("--json", action="store_true", help="print JSON")
     e.set_defaults(func=cmd_eval)
 

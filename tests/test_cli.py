@@ -265,3 +265,13 @@ def test_unwritable_out_is_one_error_line(corpus_file, tmp_path, capsys):
     code, out, err = run_cli(capsys, "train", "--data", str(corpus_file), "--out", str(blocker / "run"),
                              "--max-steps", "1", *TINY)
     assert code == 2 and err.startswith("error: ") and err.count("\n") == 1, err
+
+
+def test_eval_reproduces_the_runs_last_validation(trained_run, capsys):
+    """`mlmfast eval RUN` uses the run's batch size and seq-len, so its masks and numbers are the training's."""
+    rows = [json.loads(line) for line in (trained_run / "metrics.jsonl").read_text().splitlines()]
+    last = [r for r in rows if r["split"] == "val"][-1]
+    code, out, err = run_cli(capsys, "eval", str(trained_run), "--batches", "2", "--json")  # the run's --eval-batches
+    assert code == 0, err
+    r = json.loads(out)
+    assert abs(r["val_loss"] - last["val_loss"]) < 1e-6 and abs(r["val_acc"] - last["val_acc"]) < 1e-9
