@@ -156,7 +156,8 @@ def _probe() -> Optional[str]:
 
 
 dispatch.register("attention", "Triton FlashAttention-2-style kernel (kernels/attention.py)",
-                  "PyTorch matmul + softmax (attention_reference)", _probe)
+                  "PyTorch matmul + softmax (attention_reference; the fast training step on a CPU uses SDPA "
+                  "instead)", _probe)
 
 
 class _CallableModule(types.ModuleType):

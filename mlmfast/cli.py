@@ -50,9 +50,12 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
                    help="training step: fast (sparse MLM head, fused linear-CE and attention kernels; the default) "
                         "or reference (full logits, the oracle)")
     g = p.add_argument_group("masking")
-    g.add_argument("--mlm-probability", type=float, default=d.mlm_probability)
-    g.add_argument("--mask-replace-prob", type=float, default=d.mask_replace_prob)
-    g.add_argument("--random-replace-prob", type=float, default=d.random_replace_prob)
+    g.add_argument("--mlm-probability", type=float, default=d.mlm_probability,
+                   help=f"share of (non-special, non-padding) tokens to predict (default: {d.mlm_probability})")
+    g.add_argument("--mask-replace-prob", type=float, default=d.mask_replace_prob,
+                   help=f"of those, the share replaced by [MASK] (default: {d.mask_replace_prob})")
+    g.add_argument("--random-replace-prob", type=float, default=d.random_replace_prob,
+                   help=f"the share replaced by a random token; the rest stay (default: {d.random_replace_prob})")
     g.add_argument("--masking-mode", choices=["bernoulli", "exact"], default=d.masking_mode)
     g.add_argument("--whole-word", action="store_true", help="whole-word masking")
     g = p.add_argument_group("optimisation")
@@ -61,19 +64,23 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--grad-accum", type=int, default=d.grad_accum, help="micro-batches per optimizer step")
     g.add_argument("--lr", type=float, default=d.lr, help=f"peak learning rate (default: {d.lr})")
     g.add_argument("--warmup-steps", type=int, default=None, help="warmup steps (default: 6%% of --max-steps)")
-    g.add_argument("--schedule", choices=["linear", "cosine", "constant"], default=d.schedule)
-    g.add_argument("--weight-decay", type=float, default=d.weight_decay)
+    g.add_argument("--schedule", choices=["linear", "cosine", "constant"], default=d.schedule,
+                   help=f"learning rate after warmup (default: {d.schedule})")
+    g.add_argument("--weight-decay", type=float, default=d.weight_decay,
+                   help=f"AdamW weight decay, not on biases and LayerNorms (default: {d.weight_decay})")
     g.add_argument("--clip-grad-norm", type=float, default=d.clip_grad_norm, help="0 disables clipping")
     g.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default=d.precision,
                    help="autocast precision (default: bf16 on CUDA when supported, fp32 on CPU)")
     g.add_argument("--device", default=d.device, help="auto, cpu, cuda or cuda:N")
-    g.add_argument("--seed", type=int, default=d.seed)
+    g.add_argument("--seed", type=int, default=d.seed, help=f"weights, data order, masks, dropout (default: {d.seed})")
     g = p.add_argument_group("evaluation and checkpoints")
-    g.add_argument("--eval-every", type=int, default=d.eval_every)
+    g.add_argument("--eval-every", type=int, default=d.eval_every, help=f"steps between validations (default: {d.eval_every})")
     g.add_argument("--eval-batches", type=int, default=d.eval_batches, help="0 = the whole validation split")
-    g.add_argument("--log-every", type=int, default=d.log_every)
-    g.add_argument("--save-every", type=int, default=d.save_every)
-    g.add_argument("--keep-checkpoints", type=int, default=d.keep_checkpoints)
+    g.add_argument("--log-every", type=int, default=d.log_every,
+                   help=f"steps between metrics.jsonl lines (default: {d.log_every})")
+    g.add_argument("--save-every", type=int, default=d.save_every, help=f"steps between checkpoints (default: {d.save_every})")
+    g.add_argument("--keep-checkpoints", type=int, default=d.keep_checkpoints,
+                   help=f"newest checkpoints kept (default: {d.keep_checkpoints})")
     g.add_argument("--resume", nargs="?", const="latest", default=None, metavar="auto|CHECKPOINT",
                    help="continue the run in --out from its newest valid checkpoint (corrupt ones are named and "
                         "skipped); 'auto' also starts the run when --out holds none (for restart loops); or a "
@@ -129,7 +136,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     if int(os.environ.get("RANK", "0")) != 0:  # torchrun: rank 0 reports
         return 0
     print()
-    print(f"done: {r.steps} steps in {r.seconds:.0f}s ({r.tokens_per_s:,.0f} tokens/s)")
+    if not r.train_losses:  # a finished run resumed with the same --max-steps
+        print(f"the run is already at step {r.steps} (--max-steps {r.steps}): nothing to train; pass a larger "
+              f"--max-steps to continue it")
+    else:
+        print(f"done: {r.steps} steps in {r.seconds:.0f}s ({r.tokens_per_s:,.0f} tokens/s)")
     if r.first_val and r.last_val:
         print(f"validation MLM loss: {r.first_val['val_loss']:.3f} -> {r.last_val['val_loss']:.3f} "
               f"(perplexity {r.first_val['val_ppl']:.0f} -> {r.last_val['val_ppl']:.1f}, "
@@ -235,6 +246,11 @@ def cmd_tokenizer_train(args: argparse.Namespace) -> int:
     from .tokenizer import train_tokenizer
     from .trainer import load_documents
 
+    if os.path.isfile(args.out):
+        raise UserError(f"--out {args.out} is a file; pass a directory for the tokenizer")
+    if os.path.isdir(args.out) and os.listdir(args.out) and not args.overwrite:
+        raise UserError(f"--out {args.out} is not empty (a tokenizer that prepared shards or runs may depend on?); "
+                        "choose another directory, or pass --overwrite")
     docs, source = load_documents(list(args.data))
     t0 = time.time()
     tok = train_tokenizer(docs, vocab_size=args.vocab_size, lowercase=not args.cased,
@@ -242,6 +258,9 @@ def cmd_tokenizer_train(args: argparse.Namespace) -> int:
     tok.save(args.out)
     print(f"trained a WordPiece tokenizer on {source} ({len(docs)} documents): {tok.vocab_size} tokens in "
           f"{time.time() - t0:.1f}s -> {args.out}")
+    if tok.vocab_size < args.vocab_size:
+        print(f"note: {tok.vocab_size} < --vocab-size {args.vocab_size}: the corpus has no more pieces seen at least "
+              f"--min-frequency {args.min_frequency} times (--vocab-size is an upper bound)")
     return 0
 
 
@@ -413,6 +432,7 @@ def build_parser() -> argparse.ArgumentParser:
     tt.add_argument("--vocab-size", type=int, default=8192)
     tt.add_argument("--min-frequency", type=int, default=2)
     tt.add_argument("--cased", action="store_true", help="keep case (default: lowercase, as bert-base-uncased)")
+    tt.add_argument("--overwrite", action="store_true", help="replace the files of a non-empty --out")
     tt.set_defaults(func=cmd_tokenizer_train)
     te = tsub.add_parser("encode", help="show the tokens and ids of a text",
                          description="Encode a text with [CLS]/[SEP], printing tokens and ids.")
@@ -432,6 +452,11 @@ def build_parser() -> argparse.ArgumentParser:
                        add_help=False, prefix_chars="\0")
     b.add_argument("bench_args", nargs=argparse.REMAINDER)
     b.set_defaults(func=cmd_bench)
+    # --debug also after the command (`mlmfast train ... --debug`); SUPPRESS keeps the top-level value otherwise
+    for parser in [*sub.choices.values(), *tsub.choices.values()]:
+        if parser is not b and parser is not tk:
+            parser.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                                help="show tracebacks for errors")
     return p
 
 

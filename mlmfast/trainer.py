@@ -664,6 +664,9 @@ def _train(cfg: TrainConfig, resume, log: Callable[[str], None], stop_after: Opt
 
     # Rank 0 inspects the run directory (a disk shared by all ranks) and tells the others what it chose.
     resume, ckpt, run_dir = env.broadcast_object(_resolve_resume(resume, cfg.out_dir, log) if env.is_main else None)
+    if explicit is not None and "out_dir" in explicit and os.path.abspath(cfg.out_dir) != os.path.abspath(run_dir):
+        raise UserError(f"--resume {ckpt} continues its own run in {run_dir}, not --out {cfg.out_dir}: drop --out, "
+                        f"or start a new run from those weights with --model {ckpt} --out {cfg.out_dir}")
     cfg_path = os.path.join(run_dir, "train_config.json")
     if resume:
         with open(cfg_path) as f:

@@ -76,6 +76,10 @@ def test_tokenizer_train_and_encode(corpus_file, tmp_path, capsys):
     code, out, _ = run_cli(capsys, "tokenizer", "encode", str(out_dir), "Hello world", "--json")
     r = json.loads(out)
     assert r["tokens"][0] == "[CLS]" and r["tokens"][-1] == "[SEP]" and len(r["ids"]) == len(r["tokens"])
+    again = ["tokenizer", "train", "--data", str(corpus_file), "--out", str(out_dir), "--vocab-size", "300"]
+    code, out, err = run_cli(capsys, *again)  # a tokenizer others may depend on is not replaced silently
+    assert code == 2 and "--overwrite" in err
+    assert run_cli(capsys, *again, "--overwrite")[0] == 0
 
 
 def test_info(capsys):
@@ -217,6 +221,10 @@ def test_bare_resume_keeps_the_runs_own_settings(trained_run, tmp_path, capsys):
     now = json.loads((run / "train_config.json").read_text())
     assert now["max_steps"] == saved["max_steps"] == 12 and now["save_every"] == saved["save_every"]
     assert now["lr"] == saved["lr"] and "settings are kept for lr" in out
+    assert "already at step 12" in out  # a finished run: nothing to do, said plainly
+    ckpt = sorted((run / "checkpoints").glob("step-*"))[-1]
+    code, out, err = run_cli(capsys, "train", "--resume", str(ckpt), "--out", str(tmp_path / "other"), "--no-progress")
+    assert code == 2 and "continues its own run" in err and "--model" in err and not (tmp_path / "other").exists()
 
 
 def test_published_files_follow_the_umask(trained_run):
