@@ -61,13 +61,18 @@ def fill_mask(model, tokenizer, text: str, top_k: int = 5) -> list[MaskPredictio
                         "shorten it")
     positions = [i for i, t in enumerate(ids) if t == tokenizer.mask_token_id]
     if not positions:
-        raise UserError(f"the text has no {tokenizer.mask_token} token; write e.g. "
+        raise UserError(f"the text has no {tokenizer.mask_token} token (upper case, with the brackets); write e.g. "
                         f"\"The {tokenizer.mask_token} sat on the mat.\"")
     device = next(model.parameters()).device
     input_ids = torch.tensor([ids], dtype=torch.long, device=device)
     logits = model(input_ids).logits[0, positions].float()  # (M, V)
+    special = [i for i in getattr(tokenizer, "special_token_ids", []) if 0 <= i < logits.shape[-1]]
+    if len(special) >= logits.shape[-1]:
+        special = []
+    if special:  # [PAD], [CLS], [MASK], ... are never a fill
+        logits[:, special] = float("-inf")
     probs = logits.softmax(-1)
-    top = probs.topk(min(top_k, probs.shape[-1]), dim=-1)
+    top = probs.topk(min(top_k, probs.shape[-1] - len(special)), dim=-1)
     out = []
     for pos, p_row, i_row in zip(positions, top.values.tolist(), top.indices.tolist()):
         toks = tokenizer.convert_ids_to_tokens(i_row)

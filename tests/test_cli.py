@@ -66,6 +66,11 @@ def test_fill(trained_run, capsys):
         assert len(p["candidates"]) == 3
         probs = [c["prob"] for c in p["candidates"]]
         assert probs == sorted(probs, reverse=True) and 0 < sum(probs) <= 1 + 1e-6
+    code, out, _ = run_cli(capsys, "fill", str(trained_run), "a [MASK] b", "--top-k", "1000", "--json")
+    tokens = {c["token"] for c in json.loads(out)[0]["candidates"]}
+    assert not tokens & {"[PAD]", "[CLS]", "[SEP]", "[MASK]", "[UNK]"}  # special tokens are never a fill
+    tok_cfg = json.loads((trained_run / "model" / "tokenizer_config.json").read_text())
+    assert tok_cfg["model_max_length"] == 512  # the model's positions: HF truncation works on model/
 
 
 def test_tokenizer_train_and_encode(corpus_file, tmp_path, capsys):
