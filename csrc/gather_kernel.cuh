@@ -24,6 +24,13 @@ template <> __device__ __forceinline__ __half from_float<__half>(float x) { retu
 template <> __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
 #endif
 
+// The launch: B * chunks_per_row blocks of kWarpsPerBlock warps; warp w of block c of row b owns slot
+// j = (c % chunks_per_row) * kWarpsPerBlock + w of that row.
+__device__ __forceinline__ int64_t batch_row(int64_t chunks_per_row) { return blockIdx.x / chunks_per_row; }
+__device__ __forceinline__ int64_t warp_slot(int64_t chunks_per_row) {
+  return (blockIdx.x % chunks_per_row) * kWarpsPerBlock + (threadIdx.x >> 5);
+}
+
 // N elements of T moved as one aligned unit (N * sizeof(T) = 16 bytes for the vector path).
 template <typename T, int N>
 struct alignas(sizeof(T) * N) Pack {
@@ -36,9 +43,8 @@ __global__ void gather_rows_kernel(const T* __restrict__ hidden,   // (B, L, H)
                                    T* __restrict__ out,            // (B*P, H)
                                    int64_t L, int64_t P, int64_t H, int64_t chunks_per_row) {
   using PackT = Pack<T, N>;
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  const int64_t b = blockIdx.x / chunks_per_row;
-  const int64_t j = (blockIdx.x % chunks_per_row) * kWarpsPerBlock + warp;  // slot
+  const int lane = threadIdx.x & 31;
+  const int64_t b = batch_row(chunks_per_row), j = warp_slot(chunks_per_row);
   if (j >= P) return;
   const int64_t l = static_cast<int64_t>(pos[b * P + j]);
   const bool ok = 0 <= l && l < L;
@@ -57,9 +63,8 @@ __global__ void scatter_rows_kernel(const T* __restrict__ grad,     // (B*P, H)
                                     T* __restrict__ grad_hidden,    // (B, L, H), zeroed
                                     int64_t L, int64_t P, int64_t H, int64_t chunks_per_row) {
   using PackT = Pack<T, N>;
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  const int64_t b = blockIdx.x / chunks_per_row;
-  const int64_t j = (blockIdx.x % chunks_per_row) * kWarpsPerBlock + warp;  // slot
+  const int lane = threadIdx.x & 31;
+  const int64_t b = batch_row(chunks_per_row), j = warp_slot(chunks_per_row);
   if (j >= P) return;
   const PosT* row_pos = pos + b * P;  // (P,)
   const int64_t l = static_cast<int64_t>(row_pos[j]);
