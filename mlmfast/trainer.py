@@ -585,12 +585,15 @@ class _StopRequest:
 
         self.requested = False
         self._say = say
+        self._pid = os.getpid()  # DataLoader workers fork with this handler: they leave the stop to the trainer
         self._old = {}
         if enabled and threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGINT, signal.SIGTERM):
                 self._old[sig] = signal.signal(sig, self._handle)
 
     def _handle(self, signum, frame) -> None:
+        if os.getpid() != self._pid:
+            return
         if self.requested:
             raise KeyboardInterrupt
         self.requested = True
