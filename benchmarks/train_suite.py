@@ -157,9 +157,9 @@ def run(configs: list[StepConfig], dists: list[str], paths: list[str], text, dev
     order = [p for p in RUN_ORDER if p in paths]
     # CPU: prime every eager path (lazy imports, thread pools: RSS). CUDA: only the cheap ones, so the Triton
     # kernels of the fast path are not JIT-compiled for the priming model's shapes.
-    for failure in _prime([p for p in order if skip_reason(p, device, cpu_compile) is None
-                           and not p.endswith("-compile") and (device.type == "cpu" or not p.startswith("mlmfast-fast"))],
-                          text, device):
+    primed = [p for p in order if skip_reason(p, device, cpu_compile) is None and not p.endswith("-compile")
+              and (device.type == "cpu" or not p.startswith("mlmfast-fast"))]
+    for failure in _prime(primed, text, device):
         log(f"# priming failed: {failure}")
     prepared: dict[int, tuple] = {}  # config index -> (cfg, flops, batches per dist, master weights)
 

@@ -58,7 +58,7 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     """Write `text` to a temporary file in the same directory, fsync it, then rename it over `path`."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.fchmod(fd, 0o666 & ~_umask())  # mkstemp's 0600 -> what open() would have given
+    default_modes(tmp)  # mkstemp's 0600 -> what open() would have given
     with _replaced_by(tmp, path):
         with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
             f.write(text)

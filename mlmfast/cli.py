@@ -74,11 +74,13 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--device", default=d.device, help="auto, cpu, cuda or cuda:N")
     g.add_argument("--seed", type=int, default=d.seed, help=f"weights, data order, masks, dropout (default: {d.seed})")
     g = p.add_argument_group("evaluation and checkpoints")
-    g.add_argument("--eval-every", type=int, default=d.eval_every, help=f"steps between validations (default: {d.eval_every})")
+    g.add_argument("--eval-every", type=int, default=d.eval_every,
+                   help=f"steps between validations (default: {d.eval_every})")
     g.add_argument("--eval-batches", type=int, default=d.eval_batches, help="0 = the whole validation split")
     g.add_argument("--log-every", type=int, default=d.log_every,
                    help=f"steps between metrics.jsonl lines (default: {d.log_every})")
-    g.add_argument("--save-every", type=int, default=d.save_every, help=f"steps between checkpoints (default: {d.save_every})")
+    g.add_argument("--save-every", type=int, default=d.save_every,
+                   help=f"steps between checkpoints (default: {d.save_every})")
     g.add_argument("--keep-checkpoints", type=int, default=d.keep_checkpoints,
                    help=f"newest checkpoints kept (default: {d.keep_checkpoints})")
     g.add_argument("--resume", nargs="?", const="latest", default=None, metavar="auto|CHECKPOINT",
@@ -90,7 +92,7 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
                         f"default: {d.max_bad_steps})")
     g.add_argument("--deterministic", action="store_true",
                    help="torch.use_deterministic_algorithms(True): bit-identical resumes, and reruns with a fixed "
-             "--tokenizer (training a tokenizer is not deterministic in ties)")
+                        "--tokenizer (training a tokenizer is not deterministic in ties)")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
     g = p.add_argument_group("several processes (launch with torchrun)")
     g.add_argument("--strategy", choices=["ddp", "fsdp"], default=d.strategy,
@@ -249,7 +251,7 @@ def cmd_tokenizer_train(args: argparse.Namespace) -> int:
     if os.path.isfile(args.out):
         raise UserError(f"--out {args.out} is a file; pass a directory for the tokenizer")
     if os.path.isdir(args.out) and os.listdir(args.out) and not args.overwrite:
-        raise UserError(f"--out {args.out} is not empty (a tokenizer that prepared shards or runs may depend on?); "
+        raise UserError(f"--out {args.out} is not empty (prepared shards or runs may depend on a tokenizer there); "
                         "choose another directory, or pass --overwrite")
     docs, source = load_documents(list(args.data))
     t0 = time.time()

@@ -6,7 +6,8 @@
 
 Same arguments in HF's order (tokenizer, mlm, whole_word_mask (False only), mlm_probability, mask_replace_prob,
 random_replace_prob, pad_to_multiple_of, return_tensors="pt", seed; `collator(examples, return_tensors=)`), same
-keys, shapes, padding (the tokenizer's own `pad`, so its padding side) and label convention. The padding happens on the CPU, in the DataLoader worker; the masking is `mlmfast.ops.mask_select`:
+keys, shapes, padding (the tokenizer's own `pad`, so its padding side) and label convention. The padding happens
+on the CPU, in the DataLoader worker; the masking is `mlmfast.ops.mask_select`:
   * device=None (default): on the CPU tensors, by the C++ twin (19x the HF collator's masking here), in the
     worker; works with every model and loop, accelerated or not.
   * device="cuda" (or any torch.device): the padded batch is moved there and masked by the CUDA kernel (one

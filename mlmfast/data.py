@@ -608,4 +608,5 @@ def make_loader(dataset: Dataset, batch_size: int, shuffle: bool = True, seed: i
                                batch_size=batch_size)
     return _Loader(dataset, batch_size=batch_size, sampler=sampler, collate_fn=collate, num_workers=num_workers,
                    drop_last=drop_last, persistent_workers=num_workers > 0,
-                   pin_memory=torch.cuda.is_available() if pin_memory is None else pin_memory, generator=torch.Generator().manual_seed(seed))
+                   pin_memory=torch.cuda.is_available() if pin_memory is None else pin_memory,
+                   generator=torch.Generator().manual_seed(seed))

@@ -114,7 +114,8 @@ def setup_distributed(device_name: str) -> tuple[DistEnv, Optional[torch.device]
                         "(each process takes cuda:LOCAL_RANK)")
     if not dist.is_initialized():
         # Rank 0 may work alone for a while (training the tokenizer on a large corpus, hashing a checkpoint) while
-        # the others wait in a collective: NCCL's default watchdog (10 min) would kill the job. MLMFAST_DIST_TIMEOUT_MIN.
+        # the others wait in a collective: NCCL's default watchdog (10 min) would kill the job.
+        # MLMFAST_DIST_TIMEOUT_MIN sets it.
         timeout = datetime.timedelta(minutes=float(os.environ.get("MLMFAST_DIST_TIMEOUT_MIN", "60")))
         dist.init_process_group(backend, timeout=timeout, **({"device_id": device} if backend == "nccl" else {}))
     return DistEnv(rank, world, local_rank, backend), device

@@ -33,7 +33,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ._checks import INT, check_range, check_tensor, shape_str
-from ._io import atomic_write_json, default_modes
+from ._io import default_modes
 from .config import ModelConfig
 from .errors import UserError
 
@@ -456,14 +456,12 @@ class BertForMLM(nn.Module):
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
         if tokenizer is not None:
-            tokenizer.save(directory)
-            cfg_path = os.path.join(directory, "tokenizer_config.json")
-            if os.path.isfile(cfg_path):  # the model's positions bound what its tokenizer may feed it (HF truncation)
-                with open(cfg_path) as f:
-                    tok_cfg = json.load(f)
-                if tok_cfg.get("model_max_length") is None:
-                    tok_cfg["model_max_length"] = int(self.config.max_position_embeddings)
-                    atomic_write_json(cfg_path, tok_cfg)
+            from .tokenizer import MLMTokenizer
+
+            if isinstance(tokenizer, MLMTokenizer):  # the model's positions bound what it may feed (HF truncation)
+                tokenizer.save(directory, model_max_length=self.config.max_position_embeddings)
+            else:  # any object with .save(directory)
+                tokenizer.save(directory)
 
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike, attn_implementation: str | None = None,

@@ -166,10 +166,11 @@ class MLMTokenizer:
                 f"mask={self.mask_token}:{self.mask_token_id}, fingerprint={self.fingerprint()[:12]})")
 
     # ---------------------------------------------------------------- save / load
-    def save(self, directory: str | os.PathLike) -> Path:
+    def save(self, directory: str | os.PathLike, model_max_length: int | None = None) -> Path:
         """Write tokenizer.json, vocab.txt (one token per line, in id order), tokenizer_config.json and
         special_tokens_map.json; `transformers.AutoTokenizer.from_pretrained(directory)` loads the result.
-        Each file is written to a temporary file and renamed, so a reader never sees half a file."""
+        Each file is written to a temporary file and renamed, so a reader never sees half a file.
+        model_max_length: recorded when the tokenizer has no bound of its own (a model's positions: HF truncation)."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         vocab = self.get_vocab()
@@ -183,8 +184,9 @@ class MLMTokenizer:
             raise UserError(f"cannot write vocab.txt: tokens contain line breaks: {bad[:3]!r}")
         specials = {f"{role}_token": tok for role, tok in self._tokens.items()}
         config = {"tokenizer_class": "BertTokenizer", **_normalizer_flags(self._tok), **specials}
-        if self.model_max_length is not None:
-            config["model_max_length"] = int(self.model_max_length)
+        bound = self.model_max_length if self.model_max_length is not None else model_max_length
+        if bound is not None:
+            config["model_max_length"] = int(bound)
         atomic_write_text(directory / "tokenizer.json", self._tok.to_str(pretty=True))
         atomic_write_text(directory / "vocab.txt", "".join(t + "\n" for t in tokens))
         atomic_write_text(directory / "tokenizer_config.json", json.dumps(config, indent=2) + "\n")

@@ -895,9 +895,7 @@ def _train(cfg: TrainConfig, resume, log: Callable[[str], None], stop_after: Opt
                 if last_val:
                     say(f"step {step}: val loss {last_val['val_loss']:.3f}, "
                               f"ppl {last_val['val_ppl']:.1f}, accuracy {100 * last_val['val_acc']:.1f}%")
-            if step % cfg.save_every == 0 or step == end_step:
-                last_ckpt = save(step)
-            elif stop.requested:
+            if step % cfg.save_every == 0 or step == end_step or stop.requested:
                 last_ckpt = save(step)
             if stop.requested and step < end_step:
                 raise TrainingStopped(f"stopped at step {step} of {cfg.max_steps} with a checkpoint ({last_ckpt}); "
