@@ -7,7 +7,8 @@ Paths (every one gets the same weights, copied from one seeded BertForMLM, and t
   mlmfast-reference     BertForMLM's reference path (sdpa attention, full logits, fp32 CE): what the trainer
                         runs without the fast path
   mlmfast-fast          BertForMLM.set_path("fast"), forward(..., positions=, position_labels=) from the
-                        MaskingOutput (issue 5); mask_select runs INSIDE the step, as in the trainer
+                        MaskingOutput (issue 5); mask_select runs INSIDE the step, as in the trainer, and so
+                        does num_tokens= (the host's real-token count: unpadding on a GPU, fast.unpad_plan)
   mlmfast-fast-compile  torch.compile of mlmfast-fast (mask_select outside the compiled module, inside the step)
 A path that cannot run here is a row with status "skipped" and the reason; one that fails is "error" + reason.
 
@@ -116,13 +117,19 @@ def make_step(path: str, fn: Callable, opt, batches, device: torch.device) -> Ca
     n = len(batches)
     fast = path.startswith("mlmfast-fast")
 
+    def hint(j: int) -> dict:
+        # The trainer passes the real-token count it read on the host (the fast path's unpadding on a GPU needs
+        # it); not to the compiled model, which runs padded (an int argument that changes would recompile it).
+        return {} if path.endswith("-compile") else dict(num_tokens=batches.tokens[j])
+
     def step(i: int) -> torch.Tensor:
         j = i % n
         attn = batches.attention_mask[j]
         with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
             if fast:
                 m = batches.mask(j)  # the mask_select call of the trainer's step; same bits as batches.masked[j]
-                out = fn(m.input_ids, attention_mask=attn, positions=m.positions, position_labels=m.position_labels)
+                out = fn(m.input_ids, attention_mask=attn, positions=m.positions, position_labels=m.position_labels,
+                         **hint(j))
             else:
                 m = batches.masked[j]
                 out = fn(input_ids=m.input_ids, attention_mask=attn, labels=m.labels)

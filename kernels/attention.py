@@ -569,28 +569,31 @@ class KernelConfig:
 # dropout with or without a mask. For each entry the first of a list of candidates (largest tiles first) that
 # compiles without a register spill for every head dim of its BLOCK_D, fp16 and bf16 alike, with triton 3.9 (CI)
 # and with triton 3.6 (the GPU machine's image; ptxas differs) (`python -m mlmfast.kernels.compile_check
-# --all-variants` under each); not yet tuned for speed on a GPU
-# (`benchmarks/bench_attention.py --sweep`). arch 80 covers sm_80..sm_89; fp32 inputs run TF32 dots.
+# --all-variants` under each). sm_90 16-bit, head dims 64 and 128: the fastest spill-free configs of
+# `benchmarks/bench_attention.py --sweep` on an H200 (2026-11-28, bf16, L = 512 and 2048, plain variant;
+# benchmarks/results/2026-11-28-h200-attention-sweep-*.json), reused for the mask / dropout variants where they
+# compile without a spill too (the sweep's fastest dK/dV configs, 4 warps, spill: not taken). The rest is not
+# tuned on a GPU yet. arch 80 covers sm_80..sm_89; fp32 inputs run TF32 dots.
 # dkdv: BLOCK_N keys per program, BLOCK_M query rows per step; fwd / dq: BLOCK_M query rows per program.
 _CONFIG_TABLE: dict[tuple[int, bool, str], dict[int, tuple[tuple[int, int, int, int], ...]]] = {
     # sm_90, 16-bit inputs
     (90, True, "fwd"): {
         16: ((128, 64, 4, 3), (128, 64, 4, 3), (128, 64, 4, 3)),
         32: ((128, 64, 4, 3), (128, 64, 4, 3), (128, 64, 4, 3)),
-        64: ((128, 64, 4, 3), (128, 64, 4, 3), (128, 64, 8, 3)),
-        128: ((128, 64, 8, 3), (128, 64, 8, 3), (128, 64, 8, 3)),
+        64: ((128, 64, 8, 3), (128, 64, 8, 3), (128, 64, 8, 3)),
+        128: ((128, 32, 8, 3), (128, 32, 8, 3), (128, 32, 8, 3)),
     },
     (90, True, "dkdv"): {
         16: ((64, 128, 8, 2), (64, 128, 8, 2), (64, 128, 8, 2)),
         32: ((64, 128, 8, 2), (64, 128, 8, 2), (64, 128, 8, 2)),
-        64: ((64, 128, 8, 2), (32, 128, 8, 2), (32, 128, 8, 2)),
+        64: ((64, 128, 8, 3), (64, 128, 8, 3), (32, 128, 8, 2)),
         128: ((64, 64, 8, 2), (32, 64, 8, 2), (32, 64, 8, 2)),
     },
     (90, True, "dq"): {
         16: ((128, 64, 8, 2), (128, 64, 8, 2), (128, 64, 8, 2)),
         32: ((128, 64, 8, 2), (128, 64, 8, 2), (128, 64, 8, 2)),
-        64: ((128, 64, 8, 2), (128, 64, 8, 2), (128, 64, 8, 2)),
-        128: ((64, 64, 8, 2), (64, 64, 8, 2), (64, 64, 8, 2)),
+        64: ((64, 32, 4, 3), (64, 32, 4, 3), (64, 32, 4, 3)),
+        128: ((64, 64, 4, 3), (64, 64, 4, 3), (64, 64, 8, 2)),
     },
     # sm_90, fp32 inputs
     (90, False, "fwd"): {
@@ -863,6 +866,40 @@ def _backward(ctx, dout, dlse):
 _attention_fwd_op.register_autograd(_backward, setup_context=_setup_context)
 
 
+class _EagerAttention(torch.autograd.Function):
+    """The same forward / backward as the custom op, for eager calls on plain tensors: a custom op's dispatch
+    (schema checks, autograd wrapper, redispatch, twice per step) cost about 240 us per forward + backward on a
+    2-core Xeon against 145 us for this (benchmarks: CPU-side launch cost, which a GPU step at small shapes waits
+    on). torch.compile, fake tensors and tensor subclasses take the custom op (its fake impl and schema)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, bounds, kmask, seed, dropout_p, softmax_scale):
+        out, lse = attention_forward(q, k, v, bounds, kmask, seed, dropout_p, softmax_scale)
+        ctx.save_for_backward(q, k, v, out, lse, bounds, kmask, seed)
+        ctx.dropout_p, ctx.softmax_scale = dropout_p, softmax_scale
+        ctx.mark_non_differentiable(lse)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, dout, dlse):
+        q, k, v, out, lse, bounds, kmask, seed = ctx.saved_tensors
+        dq, dk, dv = attention_backward(dout, q, k, v, out, lse, bounds, kmask, seed, ctx.dropout_p,
+                                        ctx.softmax_scale)
+        return dq, dk, dv, None, None, None, None, None
+
+
+def _compiling() -> bool:
+    try:
+        return bool(torch.compiler.is_compiling())
+    except AttributeError:
+        return False
+
+
+def _plain_eager(*tensors: torch.Tensor) -> bool:
+    """Eager mode and plain tensors (no FakeTensor, DTensor or other subclass): the lighter autograd.Function."""
+    return not _compiling() and all(type(t) is torch.Tensor for t in tensors)
+
+
 # =====================================================================================================
 # 4. Entry point used by mlmfast.attention
 # =====================================================================================================
@@ -895,6 +932,31 @@ def padding_bounds(batch: int, seq_len: int, seqlens: Optional[torch.Tensor],
     return torch.stack([lo, hi], dim=1).contiguous(), kmask
 
 
+_BOUNDS_CACHE: list = []  # at most one entry: (seqlens, key_padding_mask, their versions, B, L, device, result)
+
+
+def _padding_bounds_cached(batch: int, seq_len: int, seqlens: Optional[torch.Tensor],
+                           key_padding_mask: Optional[torch.Tensor], device: torch.device):
+    """padding_bounds, reused while the same mask tensors come again unchanged (same objects, same version
+    counters): every layer of a model passes the batch's one mask, so its ~10 small device ops run once per
+    forward instead of once per layer. Eager mode and plain tensors only."""
+    given = [t for t in (seqlens, key_padding_mask) if t is not None]
+    if not given or not _plain_eager(*given):
+        return padding_bounds(batch, seq_len, seqlens, key_padding_mask, device)
+    try:
+        versions = tuple(t._version for t in given)
+    except RuntimeError:  # inference-mode tensors have no version counter
+        return padding_bounds(batch, seq_len, seqlens, key_padding_mask, device)
+    key = (batch, seq_len, device, versions)
+    if _BOUNDS_CACHE:
+        s, m, k, result = _BOUNDS_CACHE[0]
+        if s is seqlens and m is key_padding_mask and k == key:
+            return result
+    result = padding_bounds(batch, seq_len, seqlens, key_padding_mask, device)
+    _BOUNDS_CACHE[:] = [(seqlens, key_padding_mask, key, result)]
+    return result
+
+
 def _seed_tensor(seed, device: torch.device) -> torch.Tensor:
     """seed (None, int, or an integer tensor) -> int64 [1] on device, without a host sync."""
     if seed is None:
@@ -917,7 +979,10 @@ def attention_kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, seqle
     if L > MAX_SEQ_LEN:
         raise UserError(f"attention kernel supports L <= {MAX_SEQ_LEN}, got L={L}")
     scale = float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(D)
-    bounds, kmask = padding_bounds(B, L, seqlens, key_padding_mask, q.device)
+    bounds, kmask = _padding_bounds_cached(B, L, seqlens, key_padding_mask, q.device)
     seed_t = _seed_tensor(seed, q.device) if dropout_p > 0.0 else None
-    out, _ = _attention_fwd_op(q, k, v, bounds, kmask, seed_t, float(dropout_p), scale)
+    if _plain_eager(q, k, v):
+        out, _ = _EagerAttention.apply(q, k, v, bounds, kmask, seed_t, float(dropout_p), scale)
+    else:
+        out, _ = _attention_fwd_op(q, k, v, bounds, kmask, seed_t, float(dropout_p), scale)
     return out

@@ -1,7 +1,8 @@
 """The fast MLM step's building blocks, shared by `BertForMLM` (path "fast") and `mlmfast.accelerate` (HF models).
 
-    x = embeddings(ids) ─▶ layers 1..n-1: `encoder_layer` (fused attention; on CPU the dense ops on the real
-      tokens only when the batch is padded enough: `unpad_plan`) ─▶ pos = `target_positions`
+    x = embeddings(ids) ─▶ layers 1..n-1: `encoder_layer` (fused attention; the dense ops on the real tokens only
+      when the batch is padded enough and their count is known without a sync: `unpad_plan`)
+      ─▶ pos = `target_positions`
       ─▶ layer n at the predicted positions only (`encoder_layer(queries=pos)`: keys / values from every row)
       ─▶ `compact_rows` (predicted rows first) ─▶ head transform ─▶ `linear_cross_entropy` ─▶ loss
 
@@ -81,15 +82,15 @@ def padding_bias(keep: Optional[torch.Tensor], dtype: torch.dtype) -> Optional[t
     return bias[:, None, None, :]
 
 
-# ---- unpadding (CPU) ----------------------------------------------------------------------------------------
-UNPAD_MAX_FILL = 0.85  # CPU, backend "auto": drop padding from the dense ops when at most this share is real
+# ---- unpadding -----------------------------------------------------------------------------------------------
+UNPAD_MAX_FILL = 0.85  # backend "auto": drop padding from the dense ops when at most this share is real
 
 
 @dataclass
 class Unpadded:
     """The real tokens of a padded (B, L) batch, for running the dense parts of a layer (projections, feed-forward,
     LayerNorm, dropout) on (T, H) rows instead of (B, L, H): with 45% real tokens, 45% of the FLOPs. Attention
-    still sees the padded layout (unpack -> SDPA -> pack)."""
+    still sees the padded layout (unpack -> attention -> pack)."""
 
     index: torch.Tensor  # (T,) int64: flat positions b * L + l of the real tokens, ascending
     batch: int
@@ -105,17 +106,50 @@ class Unpadded:
         return out.view(self.batch, self.seq_len, *xt.shape[1:])
 
 
-def unpad_plan(keep: Optional[torch.Tensor], backend: str) -> Optional[Unpadded]:
-    """An `Unpadded` plan when it pays and costs no device sync: CPU tensors, backend "auto", eager mode, and at
-    most UNPAD_MAX_FILL of the positions real (counting them reads the mask: free on the CPU, a sync on a GPU, so
-    never there). None = run the layers on the padded (B, L, H) layout."""
-    if keep is None or backend != "auto" or keep.device.type != "cpu" or _compiling():
+def real_token_index(flat: torch.Tensor, num_tokens: int) -> torch.Tensor:
+    """(T,) int64 flat positions of the True entries of flat (N,) bool, ascending, when the caller knows their
+    number T = num_tokens on the host: a stable sort on the device puts them first, so there is no host sync
+    (`nonzero` must read the count back). A wrong count is caught on the device (torch._assert_async)."""
+    order = torch.sort((~flat).to(torch.uint8), stable=True).indices  # real positions first, in order
+    if hasattr(torch, "_assert_async") and flat.device.type not in ("cpu", "meta"):
+        torch._assert_async(flat.sum() == num_tokens)
+    return order[:num_tokens]
+
+
+def unpad_plan(keep: Optional[torch.Tensor], backend: str, num_tokens: Optional[int] = None) -> Optional[Unpadded]:
+    """An `Unpadded` plan when it pays and costs no device sync: backend "auto", eager mode, and at most
+    UNPAD_MAX_FILL of the positions real. None = run the layers on the padded (B, L, H) layout.
+
+    The number of real positions decides. On the CPU it is read from the mask (free; num_tokens, if given, must
+    match it). On a GPU reading it would be a device->host sync, so there the plan needs num_tokens, the count
+    that the caller knows on the host (the trainer and the benchmark count the CPU batch before copying it)."""
+    if keep is None or backend != "auto" or _compiling():
         return None
     B, L = keep.shape
     flat = keep.reshape(-1)
-    if int(flat.sum()) > UNPAD_MAX_FILL * flat.numel():
+    if keep.device.type == "cpu":
+        count = int(flat.sum())
+        if num_tokens is not None and num_tokens != count:
+            raise UserError(f"num_tokens: expected the number of real (non-zero) attention_mask positions, "
+                            f"{count}, got {num_tokens}")
+        if count > UNPAD_MAX_FILL * flat.numel():
+            return None
+        return Unpadded(flat.nonzero().squeeze(1), B, L)
+    if num_tokens is None or num_tokens > UNPAD_MAX_FILL * flat.numel():
         return None
-    return Unpadded(flat.nonzero().squeeze(1), B, L)
+    return Unpadded(real_token_index(flat, num_tokens), B, L)
+
+
+def check_num_tokens(num_tokens, batch: int, seq_len: int) -> None:
+    """num_tokens: None or an int in [0, B * L] (no tensor: the point is that it is known on the host)."""
+    import numbers
+
+    if num_tokens is None:
+        return
+    if isinstance(num_tokens, bool) or not isinstance(num_tokens, numbers.Integral) or \
+            not 0 <= int(num_tokens) <= batch * seq_len:
+        raise UserError(f"num_tokens: expected None or a Python int in [0, B * L] = [0, {batch * seq_len}], the "
+                        f"number of real attention_mask positions counted on the host, got {num_tokens!r}")
 
 
 def self_attention(x: torch.Tensor, query: nn.Module, key: nn.Module, value: nn.Module, num_heads: int,
@@ -126,8 +160,8 @@ def self_attention(x: torch.Tensor, query: nn.Module, key: nn.Module, value: nn.
     keep (B, L) bool: True = real token (padded keys get no attention); None = no padding. dropout_p: attention
     dropout (pass 0 in eval mode). On the kernel path padded query rows return 0 (SDPA returns finite values);
     either way they reach neither the loss nor any gradient, because no other position attends to them.
-    unpadded: x is (T, H), the real tokens of the plan; the projections run on them, SDPA on the padded layout,
-    and the result is (T, H).
+    unpadded: x is (T, H), the real tokens of the plan; the projections run on them, attention on the padded
+    layout, and the result is (T, H).
     """
     if unpadded is not None:
         T, H = x.shape
@@ -136,9 +170,12 @@ def self_attention(x: torch.Tensor, query: nn.Module, key: nn.Module, value: nn.
         def heads(t: torch.Tensor) -> torch.Tensor:  # (T, H) -> (B, nh, L, D), zeros at the padding
             return unpadded.unpack(t).view(B, L, num_heads, D).transpose(1, 2)
 
-        y = F.scaled_dot_product_attention(heads(query(x)), heads(key(x)), heads(value(x)),
-                                           attn_mask=padding_bias(keep, x.dtype), dropout_p=dropout_p,
-                                           scale=scale)  # (B, nh, L, D)
+        q, k, v = heads(query(x)), heads(key(x)), heads(value(x))
+        if use_attention_kernel(q, D, backend):
+            y = attention(q, k, v, key_padding_mask=keep, dropout_p=dropout_p, softmax_scale=scale)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=padding_bias(keep, x.dtype), dropout_p=dropout_p,
+                                               scale=scale)  # (B, nh, L, D)
         return unpadded.pack(y.transpose(1, 2).reshape(B, L, H))  # (T, H)
     B, L, H = x.shape
     D = H // num_heads

@@ -395,7 +395,7 @@ class BertForMLM(nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 token_type_ids: torch.Tensor | None = None, labels: torch.Tensor | None = None, *,
                 positions: torch.Tensor | None = None, position_labels: torch.Tensor | None = None,
-                return_logits: bool = False) -> MLMOutput:
+                return_logits: bool = False, num_tokens: int | None = None) -> MLMOutput:
         """loss = mean fp32 CE over the predicted positions (0.0 if there are none).
 
         Targets: HF-style labels (B, L) (-100 = not predicted), or positions / position_labels (B, P) (unused
@@ -403,15 +403,19 @@ class BertForMLM(nn.Module):
         Reference path: logits = head(encode(...)) (B, L, V), always returned. Fast path (labels or positions
         given): logits only when return_logits, and then (N, V) for the predicted rows in row-major order
         (== reference logits[labels != -100]).
+        num_tokens (fast path, optional): the number of non-zero attention_mask positions, as counted on the host
+        (the trainer counts the CPU batch before copying it). With it, a padded enough batch runs the encoder's
+        dense ops on its real tokens only on a GPU too, without a device->host sync (`fast.unpad_plan`).
         """
         from . import fast
 
         self._check_inputs(input_ids, attention_mask, token_type_ids, labels, positions, position_labels)
+        fast.check_num_tokens(num_tokens, *input_ids.shape)
         if self.path == "fast" and (labels is not None or positions is not None):
             keep = None if attention_mask is None else attention_mask != 0  # (B, L) bool
             x = self.bert["embeddings"](input_ids, token_type_ids)  # (B, L, H)
             *layers, last = self.bert["encoder"]["layer"]
-            plan = fast.unpad_plan(keep, self.fast_backend) if layers else None  # CPU, padded enough
+            plan = fast.unpad_plan(keep, self.fast_backend, num_tokens) if layers else None  # padded enough
             if plan is not None:
                 x = plan.pack(x)  # (T, H): the layers' dense ops run on the real tokens only
             for layer in layers:

@@ -265,12 +265,14 @@ def mlm_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tens
     return loss_sum, sel.sum(), correct
 
 
-def train_forward(model, path: str, masked, attention_mask: torch.Tensor):
+def train_forward(model, path: str, masked, attention_mask: torch.Tensor, num_tokens: Optional[int] = None):
     """The model call of one training micro-step. Fast path: the compact targets (positions / position_labels,
-    no compaction, no host sync); reference path: dense labels and full logits. Same targets, same loss."""
+    no compaction, no host sync) and num_tokens, the batch's real-token count read on the host (lets the fast
+    path drop the padding on a GPU without a sync); reference path: dense labels and full logits. Same targets,
+    same loss."""
     if path == "fast":
         return model(masked.input_ids, attention_mask=attention_mask, positions=masked.positions,
-                     position_labels=masked.position_labels)
+                     position_labels=masked.position_labels, num_tokens=num_tokens)
     return model(masked.input_ids, attention_mask=attention_mask, labels=masked.labels)
 
 
@@ -853,6 +855,8 @@ def _train(cfg: TrainConfig, resume, log: Callable[[str], None], stop_after: Opt
                 raw = next(it)
                 n_tok = int(raw["lengths"].sum())  # counted on the host copy: no device sync
                 batch = to_device(raw, device)
+                # the fast path's unpadding on a GPU needs the real-token count known on the host (fast.unpad_plan)
+                batch["num_tokens"] = int(raw["attention_mask"].count_nonzero())
                 part = i * W + env.rank  # this micro-batch's place in the step's global batch (rows part*B...)
                 if split_invariant:
                     masked = spec.apply(batch, seed=mask_seed(cfg.seed, step), row_offset=part * B)
@@ -969,7 +973,7 @@ def train_step(model, optimizer, scaler, micro_batches, path: str, clip_grad_nor
     for i, (batch, masked) in enumerate(micro_batches):
         with _grad_sync(model, i == len(micro_batches) - 1):
             with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                out = train_forward(model, path, masked, batch["attention_mask"])
+                out = train_forward(model, path, masked, batch["attention_mask"], batch.get("num_tokens"))
             loss = out.loss.float() * share[i]  # this micro-batch's part of the global mean
             (scaler.scale(loss) if scaler is not None else loss).backward()
         loss_acc += loss.detach()

@@ -343,6 +343,66 @@ def test_custom_ops_opcheck():
                                           "test_aot_dispatch_dynamic"))
 
 
+@pytest.mark.parametrize("kw", [dict(seqlens=[20, 7]), dict(mask=True), dict(mask=True, dropout_p=0.2, seed=4)],
+                         ids=["seqlens", "mask", "mask+dropout"])
+def test_eager_function_equals_custom_op(kw, monkeypatch):
+    """Eager calls on plain tensors take a lighter autograd.Function (less launch cost); torch.compile and
+    subclasses take the custom op. Same kernels, same arguments: bit-identical outputs and gradients."""
+    B, H, L, D = 2, 2, 20, 16
+    q, k, v = _inputs(B, H, L, D, torch.float32, seed=3)
+    do = torch.randn(B, H, L, D, device=DEVICE)
+    call = {}
+    if "seqlens" in kw:
+        call["seqlens"] = torch.tensor(kw["seqlens"], device=DEVICE)
+    if kw.get("mask"):
+        keep = torch.ones(B, L, dtype=torch.bool, device=DEVICE)
+        keep[0, 3:6] = False
+        keep[1, 11:] = False
+        call["key_padding_mask"] = keep
+    if "dropout_p" in kw:
+        call.update(dropout_p=kw["dropout_p"], seed=kw["seed"])
+    used = []
+    real_fn, real_op = K._EagerAttention.apply, K._attention_fwd_op
+    monkeypatch.setattr(K._EagerAttention, "apply", lambda *a: used.append("fn") or real_fn(*a))
+    monkeypatch.setattr(K, "_attention_fwd_op", lambda *a: used.append("op") or real_op(*a))
+    eager = _run(attention, q, k, v, do, **call)
+    monkeypatch.setattr(K, "_plain_eager", lambda *t: False)
+    op = _run(attention, q, k, v, do, **call)
+    assert used == ["fn", "op"]
+    for name, x, y in zip(("out", "dq", "dk", "dv"), eager, op):
+        assert torch.equal(x, y), name
+
+
+def test_padding_bounds_are_reused_while_the_mask_is_unchanged(monkeypatch):
+    """The layers of a model pass one mask tensor: its bounds are computed once, and again only for another
+    tensor or after an in-place change (version counter): never a stale result."""
+    B, H, L, D = 2, 1, 12, 16
+    q, k, v = _inputs(B, H, L, D, torch.float32)
+    calls = []
+    real = K.padding_bounds
+    monkeypatch.setattr(K, "padding_bounds", lambda *a: calls.append(1) or real(*a))
+    monkeypatch.setattr(K, "_BOUNDS_CACHE", [])
+    keep = torch.ones(B, L, dtype=torch.bool, device=DEVICE)
+    keep[1, 5:] = False
+    a = attention(q, k, v, key_padding_mask=keep)
+    b = attention(q, k, v, key_padding_mask=keep)
+    assert len(calls) == 1 and torch.equal(a, b)
+    keep[0, 8:] = False  # in place: the cached bounds would be stale
+    c = attention(q, k, v, key_padding_mask=keep)
+    assert len(calls) == 2
+    torch.testing.assert_close(c, attention_reference(q, k, v, key_padding_mask=keep), atol=1e-5, rtol=0)
+    attention(q, k, v, key_padding_mask=keep.clone())  # another tensor, equal values: computed again
+    lens = torch.tensor([12, 5], device=DEVICE)
+    attention(q, k, v, seqlens=lens)
+    attention(q, k, v, seqlens=lens)
+    assert len(calls) == 4
+    with torch.inference_mode():  # no version counter there: never cached
+        m = keep.clone()
+        attention(q, k, v, key_padding_mask=m)
+        attention(q, k, v, key_padding_mask=m)
+    assert len(calls) == 6
+
+
 def test_torch_compile_fullgraph():
     """Traces without graph breaks (custom ops with fakes); aot_eager keeps the run cheap on CPU."""
     _check_compile_fullgraph("inductor" if DEVICE == "cuda" else "aot_eager", DEVICE)

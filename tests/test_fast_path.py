@@ -399,14 +399,18 @@ def _check_low_precision(device, dtype, model_dtype=torch.float32):
     with torch.autocast(device.type, dtype=dtype):
         lowp = run(model.set_path("reference"), input_ids=ids, attention_mask=am, labels=labels)
         fast = run(model.set_path("fast"), input_ids=ids, attention_mask=am, positions=pos, position_labels=plab)
+        # the same with the host's real-token count: layers 1..n-1 run unpadded (fill 0.79 < UNPAD_MAX_FILL)
+        unpadded = run(model, input_ids=ids, attention_mask=am, positions=pos, position_labels=plab,
+                       num_tokens=int(am.sum()))
     big = max(g.abs().max().item() for g in ref64[1].values())
-    assert set(fast[1]) == set(ref64[1])
-    for name, f, p_, r in [("loss", fast[0], lowp[0], ref64[0])] + \
-            [(n, fast[1][n], lowp[1][n], ref64[1][n]) for n in ref64[1]]:
-        r = r.double()
-        err, err_pt = (f.double() - r).abs().max().item(), (p_.double() - r).abs().max().item()
-        scale = max(r.abs().max().item(), 1e-3 * big) if name != "loss" else abs(r.item())
-        assert err <= 2 * err_pt + LOWP_FLOOR[dtype] * scale, (name, err, err_pt, scale)
+    for got in (fast, unpadded):
+        assert set(got[1]) == set(ref64[1])
+        for name, f, p_, r in [("loss", got[0], lowp[0], ref64[0])] + \
+                [(n, got[1][n], lowp[1][n], ref64[1][n]) for n in ref64[1]]:
+            r = r.double()
+            err, err_pt = (f.double() - r).abs().max().item(), (p_.double() - r).abs().max().item()
+            scale = max(r.abs().max().item(), 1e-3 * big) if name != "loss" else abs(r.item())
+            assert err <= 2 * err_pt + LOWP_FLOOR[dtype] * scale, (name, err, err_pt, scale)
 
 
 @pytest.mark.gpu
@@ -423,7 +427,9 @@ def test_gpu_fast_step_has_no_host_sync(cuda_device):
                       max_position_embeddings=512, hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1)
     model = BertForMLM(cfg).to(cuda_device).set_path("fast").train()
     ids, am, labels, pos, plab = _gpu_batch(cuda_device)
-    for inputs in (dict(labels=labels), dict(positions=pos, position_labels=plab)):
+    n = int(am.sum())  # counted before the guard (the trainer counts the host copy of the batch)
+    for inputs in (dict(labels=labels), dict(positions=pos, position_labels=plab),
+                   dict(positions=pos, position_labels=plab, num_tokens=n)):  # the last one unpadded
         for guarded in (False, True):  # a warm-up in the guarded dtype (Triton compiles, lazy imports), then the step
             torch.cuda.synchronize()
             if guarded:
@@ -506,6 +512,10 @@ def test_unpadded_layers_match_reference(B, L, monkeypatch):
     got = run(model.set_path("fast", "auto"), **inputs)
     assert plans and plans[-1] is not None and plans[-1].index.numel() == int(am.sum())
     assert_same(got, ref)
+    # the host's count (as the trainer passes it): the same plan, and on a GPU the only way to get one
+    assert_same(run(model, **inputs, num_tokens=int(am.sum())), got)
+    assert plans[-1] is not None and torch.equal(plans[-1].index, fast.real_token_index(am.reshape(-1) != 0,
+                                                                                        int(am.sum())))
     monkeypatch.setattr(fast, "UNPAD_MAX_FILL", -1.0)  # never: the padded layout gives the same
     assert_same(run(model, **inputs), got)
     assert plans[-1] is None
@@ -522,6 +532,42 @@ def test_unpadding_only_when_it_pays_and_costs_no_sync():
     assert fast.unpad_plan(keep, "torch") is None and fast.unpad_plan(keep, "kernel") is None
     assert fast.unpad_plan(keep.to("meta"), "auto") is None  # not a CPU tensor (on CUDA counting would sync)
     assert fast.unpad_plan(None, "auto") is None
+    # off the CPU the plan needs the count known on the host; the index is then built without reading the mask
+    plan = fast.unpad_plan(keep.to("meta"), "auto", num_tokens=19)
+    assert plan is not None and plan.index.shape == (19,) and plan.index.device.type == "meta"
+    assert fast.unpad_plan(keep.to("meta"), "auto", num_tokens=36) is None  # 90% real: does not pay
+    assert fast.unpad_plan(keep, "auto", num_tokens=19).index.tolist() == plan_cpu_index(keep)
+    with pytest.raises(UserError, match="num_tokens: expected the number of real .* 19, got 20"):
+        fast.unpad_plan(keep, "auto", num_tokens=20)  # on the CPU a wrong count is caught exactly
+
+
+def plan_cpu_index(keep):
+    return keep.reshape(-1).nonzero().squeeze(1).tolist()
+
+
+@pytest.mark.parametrize("B,L", [(1, 1), (1, 17), (4, 127), (3, 129)])
+def test_real_token_index_is_nonzero_without_reading_the_count(B, L):
+    """The sync-free index (a stable sort, given the count) equals nonzero's, for any mask pattern: random holes,
+    all-real and all-padding rows, nothing real at all."""
+    g = torch.Generator().manual_seed(B * 1000 + L)
+    for keep in (torch.rand(B, L, generator=g) < 0.4, torch.ones(B, L, dtype=torch.bool),
+                 torch.zeros(B, L, dtype=torch.bool)):
+        if B > 2:
+            keep[1] = True
+            keep[2] = False
+        flat = keep.reshape(-1)
+        assert fast.real_token_index(flat, int(flat.sum())).tolist() == plan_cpu_index(keep)
+
+
+@pytest.mark.parametrize("bad", [-1, 4 * 10 + 1, 2.0, True, torch.tensor(3), "7"])
+def test_num_tokens_bad_values_get_one_clear_error(bad):
+    model = BertForMLM(tiny_config())
+    ids, am, _ = batch(4, 10)
+    m = mask_select(ids, mask_token_id=4, vocab_size=V, special_token_ids=[0, 1, 2, 3, 4], attention_mask=am,
+                    seed=1)
+    with pytest.raises(UserError, match=r"num_tokens: expected None or a Python int in \[0, B \* L\] = \[0, 40\]"):
+        model.set_path("fast")(m.input_ids, attention_mask=am, positions=m.positions,
+                               position_labels=m.position_labels, num_tokens=bad)
 
 
 @pytest.mark.parametrize("kind", ["bert", "roberta"])
