@@ -3,7 +3,7 @@
     suite.py        command line, defaults per device, output files
     inputs.py       real text -> tokenizer -> batches (real / full row lengths) -> one masked copy for every path
     train_suite.py  end-to-end training steps: hf-eager, hf-sdpa, hf-sdpa-compile, mlmfast-reference, mlmfast-fast,
-                    mlmfast-fast-compile; model FLOPs
+                    mlmfast-fast-unpad, mlmfast-fast-compile; model FLOPs
     ops_suite.py    masking, gather, attention, linear + cross-entropy at the training shapes
     report.py       JSON, Markdown tables, PNG plot
     harness.py      environment record, timing, percentiles, GPU peak table, peak memory

@@ -7,8 +7,10 @@ Paths (every one gets the same weights, copied from one seeded BertForMLM, and t
   mlmfast-reference     BertForMLM's reference path (sdpa attention, full logits, fp32 CE): what the trainer
                         runs without the fast path
   mlmfast-fast          BertForMLM.set_path("fast"), forward(..., positions=, position_labels=) from the
-                        MaskingOutput (issue 5); mask_select runs INSIDE the step, as in the trainer, and so
-                        does num_tokens= (the host's real-token count: unpadding on a GPU, fast.unpad_plan)
+                        MaskingOutput (issue 5); mask_select runs INSIDE the step, as in the trainer
+  mlmfast-fast-unpad    mlmfast-fast + num_tokens= (the batch's real-token count, known on the host): on a GPU
+                        layers 1..n-1 run their dense ops on the real tokens only (fast.unpad_plan); on CPU
+                        mlmfast-fast does that already (skipped there)
   mlmfast-fast-compile  torch.compile of mlmfast-fast (mask_select outside the compiled module, inside the step)
 A path that cannot run here is a row with status "skipped" and the reason; one that fails is "error" + reason.
 
@@ -37,9 +39,12 @@ import torch
 
 from .harness import DeviceLost, PeakMemory, device_lost, median_rate, spread, time_calls
 
-PATHS = ("hf-eager", "hf-sdpa", "hf-sdpa-compile", "mlmfast-reference", "mlmfast-fast", "mlmfast-fast-compile")
+PATHS = ("hf-eager", "hf-sdpa", "hf-sdpa-compile", "mlmfast-reference", "mlmfast-fast", "mlmfast-fast-unpad",
+         "mlmfast-fast-compile")
 # Measured order: eager paths first, compiled ones (slow to build) last, so a time budget cuts the compiles.
-RUN_ORDER = ("hf-eager", "hf-sdpa", "mlmfast-reference", "mlmfast-fast", "hf-sdpa-compile", "mlmfast-fast-compile")
+RUN_ORDER = ("hf-eager", "hf-sdpa", "mlmfast-reference", "mlmfast-fast", "mlmfast-fast-unpad", "hf-sdpa-compile",
+             "mlmfast-fast-compile")
+UNPAD_CPU_REASON = "on CPU mlmfast-fast drops the padding itself (counting the real tokens is free there)"
 BASELINES = ("hf-eager", "hf-sdpa", "hf-sdpa-compile", "mlmfast-reference")
 CPU_COMPILE_REASON = "torch.compile on CPU is not part of the comparison (--cpu-compile runs it)"
 
@@ -78,6 +83,8 @@ def skip_reason(path: str, device: torch.device, cpu_compile: bool = False) -> O
             return "transformers is not installed (pip install transformers)"
     if path.endswith("-compile") and device.type == "cpu" and not cpu_compile:
         return CPU_COMPILE_REASON
+    if path == "mlmfast-fast-unpad" and device.type == "cpu":
+        return UNPAD_CPU_REASON
     if path.startswith("mlmfast-fast"):
         from mlmfast.model import BertForMLM
 
@@ -118,9 +125,9 @@ def make_step(path: str, fn: Callable, opt, batches, device: torch.device) -> Ca
     fast = path.startswith("mlmfast-fast")
 
     def hint(j: int) -> dict:
-        # The trainer passes the real-token count it read on the host (the fast path's unpadding on a GPU needs
-        # it); not to the compiled model, which runs padded (an int argument that changes would recompile it).
-        return {} if path.endswith("-compile") else dict(num_tokens=batches.tokens[j])
+        # mlmfast-fast-unpad: the real-token count as the host knows it, so that the layers' dense ops run on the
+        # real tokens only on a GPU too (fast.unpad_plan); the other fast paths run the padded layout there.
+        return dict(num_tokens=batches.tokens[j]) if path == "mlmfast-fast-unpad" else {}
 
     def step(i: int) -> torch.Tensor:
         j = i % n

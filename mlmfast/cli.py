@@ -93,6 +93,9 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--deterministic", action="store_true",
                    help="torch.use_deterministic_algorithms(True): bit-identical resumes, and reruns with a fixed "
                         "--tokenizer (training a tokenizer is not deterministic in ties)")
+    g.add_argument("--compile", action="store_true",
+                   help="torch.compile the training forward: faster steps on a GPU (BERT-base on an H200: 1.2-1.5x "
+                        "the eager fast path) after about a minute of compiling; not with --strategy fsdp")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
     g = p.add_argument_group("several processes (launch with torchrun)")
     g.add_argument("--strategy", choices=["ddp", "fsdp"], default=d.strategy,
@@ -132,7 +135,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         device=args.device, seed=args.seed, eval_every=args.eval_every, eval_batches=args.eval_batches,
         log_every=args.log_every, save_every=args.save_every, keep_checkpoints=args.keep_checkpoints,
         progress=not args.no_progress, max_bad_steps=args.max_bad_steps, deterministic=args.deterministic,
-        strategy=args.strategy,
+        strategy=args.strategy, compile=args.compile,
     )
     r = train(cfg, resume=args.resume or False, explicit=_typed_train_fields(getattr(args, "_argv", None)))
     if int(os.environ.get("RANK", "0")) != 0:  # torchrun: rank 0 reports

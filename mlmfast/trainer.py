@@ -95,6 +95,7 @@ class TrainConfig:
     max_bad_steps: int = 10  # non-finite steps in a row (skipped) before the run stops
     deterministic: bool = False  # torch.use_deterministic_algorithms (bit-exact resume on GPU too)
     strategy: str = "ddp"  # under torchrun: "ddp" (replicated weights) or "fsdp" (FSDP2 fully_shard)
+    compile: bool = False  # torch.compile the training forward (the fast path has no graph break; builds ~1 min)
 
     def validate(self) -> None:
         if not 0.0 < self.mlm_probability < 1.0:
@@ -265,14 +266,13 @@ def mlm_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tens
     return loss_sum, sel.sum(), correct
 
 
-def train_forward(model, path: str, masked, attention_mask: torch.Tensor, num_tokens: Optional[int] = None):
+def train_forward(model, path: str, masked, attention_mask: torch.Tensor):
     """The model call of one training micro-step. Fast path: the compact targets (positions / position_labels,
-    no compaction, no host sync) and num_tokens, the batch's real-token count read on the host (lets the fast
-    path drop the padding on a GPU without a sync); reference path: dense labels and full logits. Same targets,
-    same loss."""
+    no compaction, no host sync); reference path: dense labels and full logits. Same targets, same loss.
+    (No num_tokens: GPU unpadding measured slower in the eager step on an H200, see NOTES.md.)"""
     if path == "fast":
         return model(masked.input_ids, attention_mask=attention_mask, positions=masked.positions,
-                     position_labels=masked.position_labels, num_tokens=num_tokens)
+                     position_labels=masked.position_labels)
     return model(masked.input_ids, attention_mask=attention_mask, labels=masked.labels)
 
 
@@ -657,7 +657,9 @@ def train(cfg: TrainConfig, resume: bool | str = False, log: Callable[[str], Non
 
 
 RESUMABLE = ("max_steps", "progress", "eval_every", "log_every", "save_every", "keep_checkpoints", "num_workers",
-             "device", "max_bad_steps")  # what a resume may change; everything else defines the run
+             "device", "max_bad_steps", "compile")  # what a resume may change; everything else defines the run
+COMPILE_BACKEND_ENV = "MLMFAST_COMPILE_BACKEND"  # torch.compile backend for --compile (default inductor; tests:
+# aot_eager, which traces the same graphs without generating code)
 
 
 def _train(cfg: TrainConfig, resume, log: Callable[[str], None], stop_after: Optional[int], env,
@@ -714,6 +716,7 @@ def _train(cfg: TrainConfig, resume, log: Callable[[str], None], stop_after: Opt
     core = unwrap(model)  # the BertForMLM (the same module under FSDP2)
     model.train()
     optimizer = make_optimizer(model, cfg, device)
+    step_model = compile_for_training(model, cfg, log)  # what the training forward calls; `model` for the rest
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
     scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
     spec = MaskingSpec.from_config(cfg, tokenizer)
@@ -855,8 +858,6 @@ def _train(cfg: TrainConfig, resume, log: Callable[[str], None], stop_after: Opt
                 raw = next(it)
                 n_tok = int(raw["lengths"].sum())  # counted on the host copy: no device sync
                 batch = to_device(raw, device)
-                # the fast path's unpadding on a GPU needs the real-token count known on the host (fast.unpad_plan)
-                batch["num_tokens"] = int(raw["attention_mask"].count_nonzero())
                 part = i * W + env.rank  # this micro-batch's place in the step's global batch (rows part*B...)
                 if split_invariant:
                     masked = spec.apply(batch, seed=mask_seed(cfg.seed, step), row_offset=part * B)
@@ -867,7 +868,7 @@ def _train(cfg: TrainConfig, resume, log: Callable[[str], None], stop_after: Opt
                 win_tokens += n_tok
             # 2. One optimizer step (forward/backward of every micro-batch, clip, guard, step): no host sync.
             loss_acc, gnorm, bad = train_step(model, optimizer, scaler, micro_batches, cfg.path,
-                                              cfg.clip_grad_norm, amp_dtype, env)
+                                              cfg.clip_grad_norm, amp_dtype, env, forward_model=step_model)
             scheduler.step()
             step += 1
             bad_i = bad.to(torch.int64)
@@ -949,8 +950,26 @@ def _save_full_model(core, full_state: Optional[dict[str, torch.Tensor]], direct
     plain.save_pretrained(directory, tokenizer=tokenizer)
 
 
+def compile_for_training(model, cfg: TrainConfig, log: Callable[[str], None]):
+    """torch.compile(model) for --compile (else model itself). Only the training forward goes through it:
+    evaluation, checkpoints and gradient sync use `model`, so state-dict keys and DDP's no_sync are unchanged.
+    With FSDP2 it is refused (per-layer compilation of sharded modules is not wired up here)."""
+    if not cfg.compile:
+        return model
+    from .distributed import is_fsdp
+
+    if is_fsdp(model):
+        raise UserError("--compile with --strategy fsdp is not supported; use --strategy ddp, or leave out "
+                        "--compile")
+    backend = os.environ.get(COMPILE_BACKEND_ENV, "inductor")
+    log(f"torch.compile: on (backend {backend}); the first steps build the graphs (about a minute on a GPU; a "
+        f"new batch shape, such as a short last batch, builds again)")
+    return torch.compile(model, backend=backend)
+
+
 def train_step(model, optimizer, scaler, micro_batches, path: str, clip_grad_norm: float,
-               amp_dtype: Optional[torch.dtype], env=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+               amp_dtype: Optional[torch.dtype], env=None,
+               forward_model=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One optimizer step over the masked micro-batches [(batch, MaskingOutput), ...] of this rank's part of a
     global batch -> (loss, grad norm, bad) as device scalars: loss = this rank's share of the global mean
     (all-reduce and divide by the world size for the global loss), bad = 1.0 when the step was skipped because
@@ -960,7 +979,8 @@ def train_step(model, optimizer, scaler, micro_batches, path: str, clip_grad_nor
     The loss is normalised by the masked-token count of the whole global batch (all micro-batches, all ranks;
     all-reduced on the device before the first backward). Gradients are synchronised on the last micro-batch
     only. With the fused AdamW (and with a GradScaler) there is no device->host sync: the skip is the fused
-    kernel's found_inf flag. Gradients are zeroed at the end; the scheduler is the caller's."""
+    kernel's found_inf flag. Gradients are zeroed at the end; the scheduler is the caller's. forward_model: what
+    the forward calls (torch.compile(model) for --compile; default model)."""
     from .distributed import DistEnv
 
     env = env or DistEnv()
@@ -973,7 +993,8 @@ def train_step(model, optimizer, scaler, micro_batches, path: str, clip_grad_nor
     for i, (batch, masked) in enumerate(micro_batches):
         with _grad_sync(model, i == len(micro_batches) - 1):
             with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                out = train_forward(model, path, masked, batch["attention_mask"], batch.get("num_tokens"))
+                out = train_forward(forward_model if forward_model is not None else model, path, masked,
+                                    batch["attention_mask"])
             loss = out.loss.float() * share[i]  # this micro-batch's part of the global mean
             (scaler.scale(loss) if scaler is not None else loss).backward()
         loss_acc += loss.detach()

@@ -6,11 +6,13 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from mlmfast.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
-TRAIN_PATHS = {"hf-eager", "hf-sdpa", "hf-sdpa-compile", "mlmfast-reference", "mlmfast-fast", "mlmfast-fast-compile"}
+TRAIN_PATHS = {"hf-eager", "hf-sdpa", "hf-sdpa-compile", "mlmfast-reference", "mlmfast-fast", "mlmfast-fast-unpad",
+               "mlmfast-fast-compile"}
 OPS = {"masking", "gather", "attention", "linear-CE"}
 
 
@@ -226,3 +228,36 @@ def test_suite_writes_what_it_has_when_the_device_is_lost(tmp_path, monkeypatch,
     assert d["meta"]["status"] == "device lost"
     assert d["rows"] and all(r["status"] == "skipped" and "simulated" in r["reason"] for r in d["rows"])
     assert "context lost" in capsys.readouterr().err
+
+
+def test_unpad_path_passes_the_host_count_and_others_do_not():
+    """mlmfast-fast-unpad gives the model the batch's real-token count (on a GPU the plan needs it); the other fast
+    paths run padded there. The step with the count is the same step: same loss on CPU, where both unpad."""
+    from benchmarks import train_suite as ts
+    from benchmarks.inputs import Batches
+    from mlmfast.config import ModelConfig
+    from mlmfast.model import BertForMLM
+
+    torch.manual_seed(0)
+    B, L = 3, 12
+    ids = torch.randint(5, 100, (B, L))
+    am = torch.ones(B, L, dtype=torch.long)
+    am[1, 4:] = 0
+    am[2, 7:] = 0
+    bt = Batches("real", B, L, [ids], [am], [int(am.sum())],
+                 mask_kwargs=dict(mask_token_id=4, vocab_size=100, special_token_ids=[0, 1, 2, 3, 4]))
+    bt.masked = [bt.mask(0)]
+    model = BertForMLM(ModelConfig.from_preset("bert-tiny", vocab_size=100, max_position_embeddings=16,
+                                               hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0))
+    model.set_path("fast").train()
+    seen, losses = [], {}
+    for path in ("mlmfast-fast", "mlmfast-fast-unpad", "mlmfast-fast-compile"):
+        def fn(*a, **kw):
+            seen.append((path, kw.get("num_tokens")))
+            return model(*a, **kw)
+        opt = torch.optim.SGD(model.parameters(), lr=0.0)
+        losses[path] = ts.make_step(path, fn, opt, bt, torch.device("cpu"))(0)
+    assert seen == [("mlmfast-fast", None), ("mlmfast-fast-unpad", int(am.sum())), ("mlmfast-fast-compile", None)]
+    assert losses["mlmfast-fast"] == losses["mlmfast-fast-unpad"]
+    assert ts.skip_reason("mlmfast-fast-unpad", torch.device("cpu")) == ts.UNPAD_CPU_REASON
+    assert ts.skip_reason("mlmfast-fast-unpad", torch.device("meta")) is None

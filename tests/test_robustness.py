@@ -36,8 +36,8 @@ def _poison(monkeypatch, bad_calls):
     real = trainer.train_forward
     calls = {"n": 0}
 
-    def forward(model, path, masked, attention_mask, num_tokens=None):
-        out = real(model, path, masked, attention_mask, num_tokens)
+    def forward(model, path, masked, attention_mask):
+        out = real(model, path, masked, attention_mask)
         i = calls["n"]
         calls["n"] += 1
         if i in bad_calls or ("all_from" in bad_calls and i >= bad_calls["all_from"]):
@@ -215,6 +215,25 @@ def test_cuda_run_with_the_guard_learns_and_resumes_exactly(corpus_file, tok_dir
     r = train(c(tmp_path / "run"), resume="auto", log=lambda m: None)
     assert r.train_losses == ref.train_losses[10:]
     assert _same(_weights(tmp_path / "ref" / "model"), _weights(tmp_path / "run" / "model"))
+
+
+@pytest.mark.gpu
+def test_cuda_compiled_run_learns(corpus_file, tok_dir, tmp_path, cuda_device):
+    """--compile on a GPU (inductor, bf16 autocast, fast path with the Triton kernels as custom ops): the run
+    builds, learns, and its first loss is the eager run's (same weights and batch; dropout off)."""
+    def c(out, compile):
+        return cfg(corpus_file, tok_dir, out, max_steps=20, save_every=20, eval_every=20, eval_batches=4,
+                   log_every=5, device="cuda", precision="bf16", seq_len=64, batch_size=16, dropout=0.0,
+                   compile=compile)
+
+    torch._dynamo.reset()
+    try:
+        comp = train(c(tmp_path / "compiled", True), log=lambda m: None)
+    finally:
+        torch._dynamo.reset()
+    eager = train(c(tmp_path / "eager", False), log=lambda m: None)
+    assert comp.last_val["val_loss"] < comp.first_val["val_loss"] - 0.3
+    assert abs(comp.train_losses[0] - eager.train_losses[0]) <= 2e-2 * abs(eager.train_losses[0])
 
 
 @pytest.mark.gpu
