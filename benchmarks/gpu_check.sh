@@ -7,7 +7,9 @@
 #   benchmarks/gpu_check.sh [OUT_DIR]                       # OUT_DIR: default $OUT, else results_gpu
 #   GPU_CHECK_DRY_RUN=1 benchmarks/gpu_check.sh /tmp/gc     # on a CPU: checks the script itself (no install,
 #                                                           # GPU tests collected only, a tiny CPU benchmark)
-# Files in OUT_DIR (flat, 7): nvidia-smi.txt install.log pytest_gpu.log bench.log results.json results.md results.png
+# Files in OUT_DIR (flat, 8): nvidia-smi.txt install.log pytest_gpu.log bench.log results.json results.md results.png
+# profile.md (benchmarks/profile_step.py: device-busy share, kernel launches and top ops of hf-sdpa and mlmfast-fast
+# steps at L = 128; run when 45 s are left after the benchmarks)
 # Environment: GPU_CHECK_SECONDS (total budget, default 465), PYTHON (default python3), MLMFAST_GIT_COMMIT (the
 # commit to record where the copy has no .git), GPU_CHECK_TESTS=0 (skip the GPU tests), GPU_CHECK_BENCH_ARGS
 # (extra arguments for the benchmark, after the defaults, so they win; e.g. "--suite train --seq-lens 512"),
@@ -85,9 +87,9 @@ else
 fi
 note "tests: $tests"
 
-# 4. Benchmarks: ops + train steps. Hard stop 15 s before the end; no new path in the last 75 s before that
-# (a torch.compile build takes up to about a minute).
-t_bench=$(($(left) - 15))
+# 4. Benchmarks: ops + train steps. Hard stop 60 s before the end (45 s for the step profile, 15 s spare); no new
+# path in the last 75 s before that (a torch.compile build takes up to about a minute).
+t_bench=$(($(left) - 60))
 budget=$((t_bench - 75))
 if [ "$DRY" = 1 ]; then
   bargs=(--device cpu --smoke)
@@ -113,12 +115,36 @@ else
   esac
 fi
 note "benchmarks: $bench"
+
+# 5. Step profile (is the step bound by the GPU or by the host's launches?), in what time is left.
+t_prof=$(($(left) - 10))
+if [ "$DRY" = 1 ]; then
+  pargs=(--device cpu --model bert-tiny --seq-len 32 --tokens-per-batch 256 --steps 2 --warmup 1 --profile-steps 1)
+else
+  pargs=(--device cuda --model bert-base --seq-len 128 --tokens-per-batch 16384)
+fi
+if [ "$t_prof" -lt 30 ]; then
+  echo "not run: no time left" >"$OUT/profile.md"
+  prof="not run (no time left)"
+else
+  set +e
+  timeout -k 5 "$t_prof" "$PY" -m benchmarks.profile_step "${pargs[@]}" --out "$OUT/profile.md" >/dev/null 2>&1
+  rc=$?
+  set -e
+  case $rc in
+    0) prof="ok" ;;
+    124 | 137) prof="stopped at the time limit" ;;
+    *) prof="FAILED (exit $rc)" ;;
+  esac
+fi
+note "step profile: $prof"
 rm -f "$OUT"/.*.tmp "$OUT"/*.tmp-*.png  # what mlmfast/_io.py's atomic writes leave if killed mid-write
 
-# 5. Summary, and the short table last.
+# 6. Summary, and the short tables last.
 echo
-echo "== gpu_check: $(($(date +%s) - START))s; install: $install; tests: $tests; benchmarks: $bench"
+echo "== gpu_check: $(($(date +%s) - START))s; install: $install; tests: $tests; benchmarks: $bench; profile: $prof"
 echo "== files in $OUT: $(cd "$OUT" && ls | tr '\n' ' ')"
+if [ "$prof" = ok ]; then awk '/^\| path \|/ {on = 1} on && /^$/ {exit} on' "$OUT/profile.md"; echo; fi
 if [ -f "$OUT/results.json" ]; then
   "$PY" -m benchmarks.report "$OUT/results.json" --short || true
 else

@@ -126,9 +126,11 @@ def test_gpu_check_dry_run(tmp_path):
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     files = sorted(os.listdir(out))
     assert len(files) <= 8 and all((out / f).is_file() for f in files), files
-    expected = {"results.json", "results.md", "results.png", "pytest_gpu.log", "install.log", "nvidia-smi.txt"}
+    expected = {"results.json", "results.md", "results.png", "pytest_gpu.log", "install.log", "nvidia-smi.txt",
+                "profile.md"}
     assert expected <= set(files)
     assert "tests collected" in (out / "pytest_gpu.log").read_text()
+    assert "| mlmfast-fast |" in (out / "profile.md").read_text() and "profile: ok" in p.stdout
     tail = p.stdout.strip().splitlines()
     assert tail[-1].startswith("| bert-tiny") and "mlmfast-fast" in tail[-1]
 
@@ -261,3 +263,31 @@ def test_unpad_path_passes_the_host_count_and_others_do_not():
     assert losses["mlmfast-fast"] == losses["mlmfast-fast-unpad"]
     assert ts.skip_reason("mlmfast-fast-unpad", torch.device("cpu")) == ts.UNPAD_CPU_REASON
     assert ts.skip_reason("mlmfast-fast-unpad", torch.device("meta")) is None
+
+
+def test_union_of_kernel_intervals():
+    from benchmarks.profile_step import _union_us
+
+    assert _union_us([]) == 0.0
+    assert _union_us([(0, 10), (5, 12), (20, 25), (21, 22), (12, 13)]) == 18.0  # overlaps and a touching end
+
+
+def test_profile_step_runs_on_cpu(tmp_path, capsys):
+    """The step profiler on CPU (bert-tiny): one table row per path with its step and host time; a path that
+    cannot run here is a row with the reason; --out / --json written."""
+    from benchmarks import profile_step
+
+    out, js = tmp_path / "p.md", tmp_path / "p.json"
+    assert profile_step.main(["--model", "bert-tiny", "--seq-len", "32", "--tokens-per-batch", "256",
+                              "--vocab-size", "8192", "--steps", "2", "--warmup", "1", "--profile-steps", "1",
+                              "--paths", "hf-sdpa,mlmfast-fast,mlmfast-fast-unpad", "--out", str(out),
+                              "--json", str(js)]) == 0
+    rows = {r["path"]: r for r in json.loads(js.read_text())["rows"]}
+    for p in ("hf-sdpa", "mlmfast-fast"):
+        assert rows[p]["step_ms"] > 0 and rows[p]["host_ms_per_step"] > 0 and rows[p]["top_host"], rows[p]
+        assert rows[p]["device_busy"] is None  # no device on CPU
+    assert rows["mlmfast-fast-unpad"]["error"].startswith("skipped: on CPU")
+    md = out.read_text()
+    assert "| mlmfast-fast |" in md and "top ops by host" in md and md in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        profile_step.main(["--paths", "nope"])
