@@ -172,7 +172,8 @@ def main(argv: Optional[list[str]] = None) -> int:
             rows.append(profile_path(path, cfg, state, batches, device, steps=args.steps, warmup=args.warmup,
                                      prof_steps=args.profile_steps))
         except Exception as exc:  # one path's failure is a row, not the end of the run
-            rows.append(dict(path=path, error=f"{type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''}"))
+            first = str(exc).splitlines()[0][:160] if str(exc) else ""
+            rows.append(dict(path=path, error=f"{type(exc).__name__}: {first}"))
         print(f"# {path}: done", file=sys.stderr, flush=True)
     md = markdown(meta, rows)
     print(md)

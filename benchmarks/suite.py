@@ -44,6 +44,9 @@ CONVENTIONS = [
 ]
 
 
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")  # torch.compile's
+
+
 def _csv(s: str) -> list[str]:
     return [x.strip() for x in str(s).split(",") if x.strip()]
 
@@ -70,12 +73,16 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     g = ap.add_argument_group("what runs")
     g.add_argument("--paths", default="all", help="comma list of train-step paths (default all: "
                                                  "hf-eager, hf-sdpa, hf-sdpa-compile, mlmfast-reference, "
-                                                 "mlmfast-fast, mlmfast-fast-unpad, mlmfast-fast-compile)")
+                                                 "hf-accelerated, mlmfast-fast, mlmfast-fast-unpad, "
+                                                 "mlmfast-fast-compile)")
     g.add_argument("--ops", default="all", help="comma list of ops: masking, gather, attention, linear-CE")
     g.add_argument("--cpu-compile", action="store_true", help="run the torch.compile paths on CPU too")
     g.add_argument("--steps", type=int, help="timed training steps per path (GPU 20, CPU 5)")
     g.add_argument("--warmup", type=int, help="untimed steps first (GPU 3, CPU 1)")
     g.add_argument("--compile-warmup", type=int, default=3, help="untimed steps of a compiled path (default 3)")
+    g.add_argument("--compile-mode", default="default", choices=COMPILE_MODES,
+                   help="torch.compile mode of the -compile paths (default: default; reduce-overhead replays "
+                        "CUDA graphs, which removes the host's launch cost)")
     g.add_argument("--batches", type=int, default=4, help="distinct batches, cycled (default 4)")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--time-budget", type=float, default=None, metavar="S",
@@ -222,7 +229,8 @@ def _run(args, device, suites, dists, paths, ops, models, seq_lens, batch_sizes,
         if "train" in suites:
             train_suite.run(configs, dists, paths, text, device, steps=args.steps, warmup=args.warmup,
                             compile_warmup=args.compile_warmup, n_batches=args.batches, seed=args.seed,
-                            cpu_compile=args.cpu_compile, peak=peak, deadline=deadline, on_row=on_row, log=log)
+                            cpu_compile=args.cpu_compile, compile_mode=args.compile_mode, peak=peak,
+                            deadline=deadline, on_row=on_row, log=log)
         meta["status"] = "complete"
     except DeviceLost as exc:  # a kernel broke the CUDA context: nothing more can run in this process
         meta["status"] = "device lost"

@@ -4,6 +4,8 @@ Paths (every one gets the same weights, copied from one seeded BertForMLM, and t
   hf-eager              BertForMaskedLM(attn_implementation="eager"), HF labels (-100 = not predicted)
   hf-sdpa               the same with attn_implementation="sdpa"
   hf-sdpa-compile       torch.compile of hf-sdpa
+  hf-accelerated        hf-sdpa after `mlmfast.accelerate(model)`: the user's HF model and HF loop (labels=),
+                        on mlmfast's fast path (fused attention, last layer and head on the masked rows only)
   mlmfast-reference     BertForMLM's reference path (sdpa attention, full logits, fp32 CE): what the trainer
                         runs without the fast path
   mlmfast-fast          BertForMLM.set_path("fast"), forward(..., positions=, position_labels=) from the
@@ -39,11 +41,11 @@ import torch
 
 from .harness import DeviceLost, PeakMemory, device_lost, median_rate, spread, time_calls
 
-PATHS = ("hf-eager", "hf-sdpa", "hf-sdpa-compile", "mlmfast-reference", "mlmfast-fast", "mlmfast-fast-unpad",
-         "mlmfast-fast-compile")
+PATHS = ("hf-eager", "hf-sdpa", "hf-sdpa-compile", "hf-accelerated", "mlmfast-reference", "mlmfast-fast",
+         "mlmfast-fast-unpad", "mlmfast-fast-compile")
 # Measured order: eager paths first, compiled ones (slow to build) last, so a time budget cuts the compiles.
-RUN_ORDER = ("hf-eager", "hf-sdpa", "mlmfast-reference", "mlmfast-fast", "mlmfast-fast-unpad", "hf-sdpa-compile",
-             "mlmfast-fast-compile")
+RUN_ORDER = ("hf-eager", "hf-sdpa", "mlmfast-reference", "mlmfast-fast", "hf-accelerated", "mlmfast-fast-unpad",
+             "hf-sdpa-compile", "mlmfast-fast-compile")
 UNPAD_CPU_REASON = "on CPU mlmfast-fast drops the padding itself (counting the real tokens is free there)"
 BASELINES = ("hf-eager", "hf-sdpa", "hf-sdpa-compile", "mlmfast-reference")
 CPU_COMPILE_REASON = "torch.compile on CPU is not part of the comparison (--cpu-compile runs it)"
@@ -108,6 +110,10 @@ def build_model(path: str, cfg, state: dict[str, torch.Tensor], device: torch.de
 
             attn = "eager" if path == "hf-eager" else "sdpa"
             model = BertForMaskedLM._from_config(BertConfig(**cfg.to_dict()), attn_implementation=attn)
+            if path == "hf-accelerated":
+                import mlmfast
+
+                mlmfast.accelerate(model)
         else:
             from mlmfast.model import BertForMLM
 
@@ -156,6 +162,7 @@ def _error_reason(exc: BaseException) -> str:
 
 def run(configs: list[StepConfig], dists: list[str], paths: list[str], text, device: torch.device, *,
         steps: int, warmup: int, compile_warmup: int, n_batches: int, seed: int = 0, cpu_compile: bool = False,
+        compile_mode: str = "default",
         peak: Optional[float] = None, deadline: Optional[float] = None,
         on_row: Callable[[dict], None] = lambda r: None, log: Callable[[str], None] = print) -> list[dict]:
     """Measure every (config, dist, path); rows go to on_row as they come and are returned (sorted, with speedups).
@@ -170,9 +177,9 @@ def run(configs: list[StepConfig], dists: list[str], paths: list[str], text, dev
 
     order = [p for p in RUN_ORDER if p in paths]
     # CPU: prime every eager path (lazy imports, thread pools: RSS). CUDA: only the cheap ones, so the Triton
-    # kernels of the fast path are not JIT-compiled for the priming model's shapes.
+    # kernels of the fast paths are not JIT-compiled for the priming model's shapes.
     primed = [p for p in order if skip_reason(p, device, cpu_compile) is None and not p.endswith("-compile")
-              and (device.type == "cpu" or not p.startswith("mlmfast-fast"))]
+              and (device.type == "cpu" or not (p.startswith("mlmfast-fast") or p == "hf-accelerated"))]
     for failure in _prime(primed, text, device):
         log(f"# priming failed: {failure}")
     prepared: dict[int, tuple] = {}  # config index -> (cfg, flops, batches per dist, master weights)
@@ -203,7 +210,7 @@ def run(configs: list[StepConfig], dists: list[str], paths: list[str], text, dev
                     continue
                 _run_path(path, cfg, state, batches, base, device, emit, log, steps=steps,
                           warmup=compile_warmup if path.endswith("-compile") else warmup, flops=flops["total"],
-                          peak=peak, deadline=deadline)
+                          peak=peak, deadline=deadline, compile_mode=compile_mode)
     add_speedups(rows)
     return sort_rows(rows, configs, dists)
 
@@ -216,7 +223,8 @@ def sort_rows(rows: list[dict], configs: list[StepConfig], dists: list[str]) -> 
                                        index.get(r["path"], 0)))
 
 
-def _run_path(path, cfg, state, batches, base, device, emit, log, *, steps, warmup, flops, peak, deadline) -> None:
+def _run_path(path, cfg, state, batches, base, device, emit, log, *, steps, warmup, flops, peak, deadline,
+              compile_mode: str = "default") -> None:
     """Build the path's model once, then measure it on each dist's batches."""
     from mlmfast.trainer import TrainConfig, make_optimizer
 
@@ -227,7 +235,7 @@ def _run_path(path, cfg, state, batches, base, device, emit, log, *, steps, warm
     try:
         model = build_model(path, cfg, state, device)
         opt = make_optimizer(model, TrainConfig(), device)
-        fn = torch.compile(model) if path.endswith("-compile") else model
+        fn = torch.compile(model, mode=compile_mode) if path.endswith("-compile") else model
     except Exception as exc:  # e.g. out of memory, an API that changed
         build_error = _error_reason(exc)
         lost = device_lost(device)

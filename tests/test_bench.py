@@ -11,8 +11,8 @@ import torch
 from mlmfast.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
-TRAIN_PATHS = {"hf-eager", "hf-sdpa", "hf-sdpa-compile", "mlmfast-reference", "mlmfast-fast", "mlmfast-fast-unpad",
-               "mlmfast-fast-compile"}
+TRAIN_PATHS = {"hf-eager", "hf-sdpa", "hf-sdpa-compile", "hf-accelerated", "mlmfast-reference", "mlmfast-fast",
+               "mlmfast-fast-unpad", "mlmfast-fast-compile"}
 OPS = {"masking", "gather", "attention", "linear-CE"}
 
 
@@ -291,3 +291,48 @@ def test_profile_step_runs_on_cpu(tmp_path, capsys):
     assert "| mlmfast-fast |" in md and "top ops by host" in md and md in capsys.readouterr().out
     with pytest.raises(SystemExit):
         profile_step.main(["--paths", "nope"])
+
+
+def test_compile_mode_reaches_torch_compile(monkeypatch):
+    """--compile-mode is torch.compile's mode for the -compile paths (reduce-overhead: CUDA graphs); eager paths
+    are not compiled at all."""
+    ts = _bench("train_suite")
+    modes = []
+    monkeypatch.setattr(ts.torch, "compile", lambda m, **kw: modes.append(kw.get("mode")) or m)
+    def measure(*a, **k):
+        return dict(status="skipped", reason="fake")
+
+    rows, kw = _fake_path(ts, monkeypatch, measure, "mlmfast-fast-compile")
+    ts._run_path("mlmfast-fast-compile", compile_mode="reduce-overhead", **kw)
+    rows, kw = _fake_path(ts, monkeypatch, measure, "mlmfast-fast")
+    ts._run_path("mlmfast-fast", compile_mode="reduce-overhead", **kw)
+    assert modes == ["reduce-overhead"]
+    from benchmarks.suite import build_parser
+
+    assert build_parser().parse_args(["--compile-mode", "reduce-overhead"]).compile_mode == "reduce-overhead"
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["--compile-mode", "fastest"])
+
+
+def test_hf_accelerated_path_is_the_hf_model_on_the_fast_path():
+    """hf-accelerated: transformers' BertForMaskedLM (sdpa) with mlmfast.accelerate applied; it loads the same
+    master weights as the other paths and gives the HF model's loss (CPU, fp32, dropout off)."""
+    ts = _bench("train_suite")
+    from mlmfast.config import ModelConfig
+    from mlmfast.model import BertForMLM
+
+    cfg = ModelConfig.from_preset("bert-tiny", vocab_size=100, max_position_embeddings=16, hidden_dropout_prob=0.0,
+                                  attention_probs_dropout_prob=0.0)
+    torch.manual_seed(0)
+    state = BertForMLM(cfg).state_dict()
+    acc = ts.build_model("hf-accelerated", cfg, state, torch.device("cpu"))
+    ref = ts.build_model("hf-sdpa", cfg, state, torch.device("cpu"))
+    assert type(acc.__dict__.get("forward")).__name__ == "_FastForward" and "forward" not in ref.__dict__
+    ids = torch.randint(5, 100, (2, 12))
+    am = torch.ones(2, 12, dtype=torch.long)
+    am[1, 7:] = 0
+    labels = torch.full((2, 12), -100)
+    labels[0, 3], labels[1, 2], labels[0, 9] = 17, 40, 8
+    a = acc(input_ids=ids, attention_mask=am, labels=labels).loss
+    b = ref(input_ids=ids, attention_mask=am, labels=labels).loss
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
