@@ -716,7 +716,9 @@ def add_prepare_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--tokenizer", metavar="DIR", help="tokenizer directory (required unless --verify; with "
                                                       "--verify, also check that it matches the prepared data)")
     p.add_argument("--out", required=True, metavar="DIR", help="directory to write the prepared corpus to")
-    p.add_argument("--workers", type=int, default=0, help="tokenizer processes (default: 0 = one per CPU core)")
+    p.add_argument("--workers", "--num-workers", dest="workers", type=int, default=0,
+                   help="tokenizer processes (default: 0 = one per CPU core); --num-workers is the same flag, as "
+                        "`mlmfast train` spells it")
     p.add_argument("--shard-tokens", type=int, default=2 ** 26, help="tokens per shard file (default: 2**26)")
     p.add_argument("--val-fraction", type=float, default=0.005,
                    help="share of documents held out for validation (default: 0.005)")

@@ -288,3 +288,12 @@ def test_eval_reproduces_the_runs_last_validation(trained_run, capsys):
     assert code == 0, err
     r = json.loads(out)
     assert abs(r["val_loss"] - last["val_loss"]) < 1e-6 and abs(r["val_acc"] - last["val_acc"]) < 1e-9
+
+
+def test_prepare_takes_num_workers_as_train_spells_it():
+    from mlmfast.cli import build_parser
+
+    base = ["prepare", "--data", "x", "--tokenizer", "t", "--out", "o"]
+    assert build_parser().parse_args(base + ["--num-workers", "3"]).workers == 3
+    assert build_parser().parse_args(base + ["--workers", "2"]).workers == 2
+    assert build_parser().parse_args(base).workers == 0
