@@ -941,7 +941,9 @@ def _padding_bounds_cached(batch: int, seq_len: int, seqlens: Optional[torch.Ten
     counters): every layer of a model passes the batch's one mask, so its ~10 small device ops run once per
     forward instead of once per layer. Eager mode and plain tensors only."""
     given = [t for t in (seqlens, key_padding_mask) if t is not None]
-    if not given or not _plain_eager(*given):
+    if not given or not _plain_eager(*given) or _capturing(device):
+        # under CUDA graph capture the bounds must come from the graph's own pool: a cached tensor could be freed
+        # (evicted by a later call) while the graph still reads it at replay
         return padding_bounds(batch, seq_len, seqlens, key_padding_mask, device)
     try:
         versions = tuple(t._version for t in given)
@@ -955,6 +957,10 @@ def _padding_bounds_cached(batch: int, seq_len: int, seqlens: Optional[torch.Ten
     result = padding_bounds(batch, seq_len, seqlens, key_padding_mask, device)
     _BOUNDS_CACHE[:] = [(seqlens, key_padding_mask, key, result)]
     return result
+
+
+def _capturing(device: torch.device) -> bool:
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
 
 
 def _seed_tensor(seed, device: torch.device) -> torch.Tensor:

@@ -519,6 +519,37 @@ def test_gpu_no_host_sync(cuda_device):
 
 
 @pytest.mark.gpu
+def test_gpu_cuda_graph_capture_with_a_reused_mask(cuda_device):
+    """A CUDA graph captured with a mask that was used eagerly before (a padding-bounds cache hit outside the
+    capture) replays correctly after other masks have been used: the capture computes its own bounds."""
+    B, H, L, D = 2, 4, 128, 64
+    q, k, v = _inputs(B, H, L, D, torch.bfloat16, device="cuda")
+    keep = torch.ones(B, L, dtype=torch.bool, device="cuda")
+    keep[1, 70:] = False
+    attention(q, k, v, key_padding_mask=keep)  # eager: compiles, and caches the bounds of `keep`
+    torch.cuda.synchronize()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.stream(stream):
+        attention(q, k, v, key_padding_mask=keep)  # warm-up on the capture stream
+        with torch.cuda.graph(graph):
+            out = attention(q, k, v, key_padding_mask=keep)
+    torch.cuda.current_stream().wait_stream(stream)
+    other = torch.ones(B, L, dtype=torch.bool, device="cuda")
+    other[0, 5:] = False
+    for _ in range(3):  # evict whatever is cached
+        attention(q, k, v, key_padding_mask=other.clone())
+    # then take the small blocks a freed bounds [B, 2] / mask [B, L] tensor would have left, and fill them
+    junk = [torch.full((B, L), 7, dtype=torch.int32, device="cuda") for _ in range(64)]
+    graph.replay()
+    torch.cuda.synchronize()
+    ref = attention_reference(q.float(), k.float(), v.float(), key_padding_mask=keep)
+    torch.testing.assert_close(out.float(), ref, atol=2e-2, rtol=0)
+    del junk
+
+
+@pytest.mark.gpu
 def test_gpu_compile_check_runs_there(cuda_device):
     """The compile check also passes with the GPU machine's triton (a subset, for time)."""
     import subprocess
