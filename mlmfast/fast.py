@@ -122,7 +122,9 @@ def unpad_plan(keep: Optional[torch.Tensor], backend: str, num_tokens: Optional[
 
     The number of real positions decides. On the CPU it is read from the mask (free; num_tokens, if given, must
     match it). On a GPU reading it would be a device->host sync, so there the plan needs num_tokens, the count
-    that the caller knows on the host (the trainer and the benchmark count the CPU batch before copying it)."""
+    that the caller knows on the host (counted on the CPU batch before copying it, as the train benchmark's
+    mlmfast-fast-unpad path does; the trainer does not pass it: in the eager GPU step, which is bound by the
+    host's launch rate, unpadding measured slower on an H200, NOTES.md)."""
     if keep is None or backend != "auto" or _compiling():
         return None
     B, L = keep.shape

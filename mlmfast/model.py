@@ -404,8 +404,9 @@ class BertForMLM(nn.Module):
         given): logits only when return_logits, and then (N, V) for the predicted rows in row-major order
         (== reference logits[labels != -100]).
         num_tokens (fast path, optional): the number of non-zero attention_mask positions, as counted on the host
-        (the trainer counts the CPU batch before copying it). With it, a padded enough batch runs the encoder's
-        dense ops on its real tokens only on a GPU too, without a device->host sync (`fast.unpad_plan`).
+        (on the CPU batch, before copying it). With it, a padded enough batch runs the encoder's dense ops on its
+        real tokens only on a GPU too, without a device->host sync (`fast.unpad_plan`; it pays when the step is
+        GPU-bound, not in a launch-bound eager step: NOTES.md).
         """
         from . import fast
 
