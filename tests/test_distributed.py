@@ -113,6 +113,19 @@ def test_torchrun_two_processes_equal_one_process(shared, corpus_file, single, a
     assert state["world_size"] == 2 and state["strategy"] == strategy and len(state["rng_per_rank"]) == 2
 
 
+def test_torchrun_ddp_with_compile_equals_one_process(shared, corpus_file, single, monkeypatch):
+    """--compile under DDP with gradient accumulation (no_sync on the plain DDP module, the forward through the
+    compiled wrapper; aot_eager: the same traced graphs without generated code): the same training as one
+    process."""
+    from mlmfast.trainer import COMPILE_BACKEND_ENV
+
+    monkeypatch.setenv(COMPILE_BACKEND_ENV, "aot_eager")
+    out = shared / "ddp-compile"
+    p = _torchrun(2, _args(shared, corpus_file, out, "--batch-size", "2", "--grad-accum", "2", "--compile"))
+    assert "torch.compile: on (backend aot_eager)" in p.stdout + p.stderr
+    _assert_same_training(out, single)
+
+
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
 def test_two_process_run_resumes_exactly(shared, corpus_file, strategy):
     """A 2-process run resumed from its step-3 checkpoint (as if killed after it: later checkpoints and the final
