@@ -583,3 +583,76 @@ def test_accelerated_hf_unpadded_layers_match_hf(kind, monkeypatch):
     got = run(model, input_ids=ids, attention_mask=am, labels=labels)
     assert plans and plans[-1] is not None and plans[-1].index.numel() == int(am.sum())
     assert_same(got, ref)
+
+
+# ---- fused q/k/v projection ------------------------------------------------------------------------------------
+def test_project_fuses_plain_linears_exactly_and_keeps_hooks():
+    """fast.project: one matmul on the concatenated weights when the layers are plain nn.Linear without hooks —
+    the same outputs and gradients as calling each layer; any hook, subclass or bias mismatch calls each module,
+    so the hook runs."""
+    import torch.nn as nn
+
+    torch.manual_seed(0)
+    lins = [nn.Linear(16, 16), nn.Linear(16, 16), nn.Linear(16, 8)]
+    x = torch.randn(3, 5, 16, requires_grad=True)
+
+    def grads(outs):
+        loss = sum((o * torch.arange(o.numel()).view_as(o).sin()).sum() for o in outs)
+        return torch.autograd.grad(loss, [x] + [p for m in lins for p in m.parameters()])
+
+    calls = []
+    real_linear = torch.nn.functional.linear
+    fused = fast.project(x, *lins)
+    assert [tuple(o.shape) for o in fused] == [(3, 5, 16), (3, 5, 16), (3, 5, 8)]
+    ref = tuple(m(x) for m in lins)
+    for a, b in zip(fused, ref):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+    for a, b in zip(grads(fused), grads(ref)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    # one F.linear call when fused; each module called (hooks run) otherwise
+    import mlmfast.fast as fm
+    orig = fm.F.linear
+    try:
+        fm.F.linear = lambda *a, **k: calls.append(1) or real_linear(*a, **k)
+        fast.project(x, *lins)
+        assert calls == [1]
+    finally:
+        fm.F.linear = orig
+    seen = []
+    h = lins[1].register_forward_hook(lambda m, i, o: seen.append(m))
+    fast.project(x, *lins)
+    assert seen == [lins[1]]
+    h.remove()
+
+    class MyLinear(nn.Linear):
+        pass
+
+    sub = MyLinear(16, 16)
+    sub.register_forward_pre_hook(lambda m, i: seen.append("sub"))
+    fast.project(x, lins[0], sub)
+    assert seen[-1] == "sub"
+    nobias = nn.Linear(16, 16, bias=False)
+    for a, b in zip(fast.project(x, lins[0], nobias), (lins[0](x), nobias(x))):
+        torch.testing.assert_close(a, b)
+    g = torch.nn.modules.module.register_module_forward_hook(lambda m, i, o: seen.append("global"))
+    try:
+        fast.project(x, *lins)
+        assert seen[-3:] == ["global"] * 3
+    finally:
+        g.remove()
+
+
+def test_fast_model_runs_query_hooks():
+    """A forward hook on a layer's query projection still runs on the fast path (the fused projection steps
+    aside), and the loss is the hook-free one."""
+    torch.manual_seed(1)
+    model = BertForMLM(tiny_config(num_hidden_layers=2)).set_path("fast")
+    ids, am, _ = batch(2, 9)
+    m = mask_select(ids, mask_token_id=4, vocab_size=V, special_token_ids=[0, 1, 2, 3, 4], attention_mask=am,
+                    mlm_probability=0.3, seed=2)
+    inputs = dict(input_ids=m.input_ids, attention_mask=am, positions=m.positions, position_labels=m.position_labels)
+    base = model(**inputs).loss
+    seen = []
+    model.bert["encoder"]["layer"][0].attention["self"].query.register_forward_hook(lambda *a: seen.append(1))
+    torch.testing.assert_close(model(**inputs).loss, base, rtol=1e-6, atol=0)
+    assert seen == [1]
