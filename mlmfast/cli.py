@@ -202,7 +202,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
                         f"({model.config.max_position_embeddings}); use a shorter --seq-len")
     if len(ds) == 0:
         raise UserError("nothing to evaluate: the data gave no rows")
-    # masks are drawn per batch (seeded by its index): the run's batch size reproduces its validation numbers
+    # masks are seeded per row (per batch with the PyTorch masking fallback): any batch size gives the numbers of
+    # the run's evaluations on the whole split; the run's own batch size also matches its --eval-batches cut
     batch_size = args.batch_size or (run_cfg.batch_size if run_cfg is not None else 32)
     loader = make_loader(ds, batch_size, shuffle=False, drop_last=False)
     spec = MaskingSpec.from_config(cfg, tokenizer)

@@ -51,8 +51,9 @@ Data parallel (`row_offset`): on the kernel path row b of a call draws as row `r
 batch, so ranks that mask their slices of a global batch with the same seed and row_offset = rank * B get the
 masks of one call on the whole batch, whatever the split. The reference draws from a torch.Generator in batch
 order and cannot do this: backend="reference" (or a generator) with row_offset != 0 is a UserError, and
-backend="auto" falling back to the reference (mlmfast._C not built, > 64 special ids, ...) ignores row_offset,
-so its masks then depend on how the batch was split.
+backend="auto" falling back to the reference (mlmfast._C not built, > 64 special ids, ...) folds row_offset into
+the seed (`fold_row_offset`): the parts of a split batch get different draws, but the masks then depend on how
+the batch was split.
 
 Validation never synchronises a CUDA device: the id range is checked exactly on CPU tensors and as a
 `torch._assert_async` on CUDA tensors (`mlmfast._checks`).
@@ -188,6 +189,12 @@ def _kernel_unsupported(input_ids: torch.Tensor, special_ids: list[int], vocab_s
     return None
 
 
+def fold_row_offset(seed: int, row_offset: int) -> int:
+    """The reference's seed for a call with row_offset != 0 (backend="auto" falling back): a different stream
+    for each part of a split batch (it cannot reproduce the kernel's per-row draws)."""
+    return (int(seed) * 0x9E3779B97F4A7C15 + int(row_offset) * 0xBF58476D1CE4E5B9 + 1) % 2**63
+
+
 # ---- the reference ----------------------------------------------------------------------------------------
 def mask_tokens(
     input_ids: torch.Tensor,
@@ -300,7 +307,10 @@ def mask_tokens(
                 mlm_probability=p, mask_replace_prob=min(pm, 1.0), random_replace_prob=min(pr, 1.0),
                 mode=mode, max_predictions=P, seed=int(seed), offset=0, row_offset=row_offset,
             )
-        # backend="auto" falls back to the reference here: row_offset is not honoured (module docstring)
+        # backend="auto" falls back to the reference here: row_offset is not honoured row by row (module
+        # docstring), but it is folded into the seed, so the parts of a split batch are not masked alike
+        if seed is not None and row_offset:
+            seed = fold_row_offset(int(seed), row_offset)
 
     if seed is not None:
         generator = torch.Generator(device=device)

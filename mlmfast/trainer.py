@@ -281,7 +281,9 @@ def evaluate(model, loader, spec: MaskingSpec, device: torch.device, max_batches
              autocast_dtype: Optional[torch.dtype] = None, env=None) -> dict[str, float]:
     """Token-weighted MLM loss, perplexity and masked-token accuracy over (up to max_batches of) a loader.
 
-    Validation batches are masked with fixed seeds, so successive evaluations see the same masked tokens.
+    Validation batches are masked with fixed seeds, so successive evaluations see the same masked tokens. With
+    the counter-based masking kernel (C++ twin / CUDA) a row's mask depends on (seed, its index in the loader's
+    row order) only, so the numbers do not depend on the batch size either; the PyTorch fallback seeds per batch.
     Always the reference computation (full logits: the model is called without labels), whatever the training
     path, so validation numbers of fast and reference runs are comparable. Data parallel (`env` of
     mlmfast.distributed): every rank iterates the same loader and computes batches i = rank (mod world size);
@@ -289,20 +291,27 @@ def evaluate(model, loader, spec: MaskingSpec, device: torch.device, max_batches
     one discarded forward, as FSDP2 needs every rank in every forward."""
     from .distributed import DistEnv
 
+    from .ops import mask_select_backend
+
     env = env or DistEnv()
+    per_row = mask_select_backend(device) != "torch"  # counter-based: row r's mask = f(seed, r)
     was_training = model.training
     model.eval()
     tot = torch.zeros(3, dtype=torch.float64, device=device)  # loss sum, labelled tokens, correct
-    own, n_batches, spare = 0, 0, None
+    own, n_batches, spare, row0 = 0, 0, None, 0
     for i, batch in enumerate(loader):
         if max_batches and i >= max_batches:
             break
         n_batches += 1
         spare = batch if spare is None else spare
+        first_row, row0 = row0, row0 + int(batch["input_ids"].shape[0])
         if i % env.world_size != env.rank:
             continue
         batch = to_device(batch, device)
-        masked = spec.apply(batch, seed=EVAL_MASK_SEED + i)
+        if per_row:
+            masked = spec.apply(batch, seed=EVAL_MASK_SEED, row_offset=first_row)
+        else:
+            masked = spec.apply(batch, seed=EVAL_MASK_SEED + i)
         with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
             out = model(masked.input_ids, attention_mask=batch["attention_mask"])
         loss_sum, n, ok = mlm_loss_sum(out.logits, masked.labels)

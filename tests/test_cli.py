@@ -297,3 +297,17 @@ def test_prepare_takes_num_workers_as_train_spells_it():
     assert build_parser().parse_args(base + ["--num-workers", "3"]).workers == 3
     assert build_parser().parse_args(base + ["--workers", "2"]).workers == 2
     assert build_parser().parse_args(base).workers == 0
+
+
+def test_eval_numbers_do_not_depend_on_the_batch_size(trained_run, capsys):
+    """Validation masks are seeded per row (counter-based kernel): the whole split evaluated with batches of 3
+    masks exactly the tokens that the run's batch size masks (same count), and gives the same loss."""
+    res = {}
+    for bs in (None, "3"):
+        extra = [] if bs is None else ["--batch-size", bs]
+        code, out, err = run_cli(capsys, "eval", str(trained_run), "--batches", "0", "--json", *extra)
+        assert code == 0, err
+        res[bs] = json.loads(out)
+    assert res[None]["val_tokens"] == res["3"]["val_tokens"]
+    assert abs(res[None]["val_loss"] - res["3"]["val_loss"]) < 1e-5
+    assert abs(res[None]["val_acc"] - res["3"]["val_acc"]) < 1e-9

@@ -397,9 +397,15 @@ def test_row_offset_errors(monkeypatch):
         mask_tokens(ids, row_offset=4, seed=0, backend="reference", **kw)
     with pytest.raises(UserError, match="row_offset.*generator"):
         mask_tokens(ids, row_offset=4, generator=torch.Generator(), **kw)
-    # auto without a kernel: the reference, row_offset not honoured (documented)
+    # auto without a kernel: the reference, row_offset folded into the seed (documented): parts of a split batch
+    # are not masked alike, though not row by row as the kernel does
+    from mlmfast.masking import fold_row_offset
+
     monkeypatch.setattr(ops, "_EXT_STATE", {"mod": None, "err": "ImportError: simulated"})
-    _assert_same(mask_tokens(ids, row_offset=4, seed=0, **kw), mask_tokens(ids, seed=0, backend="reference", **kw))
+    got = mask_tokens(ids, row_offset=4, seed=0, **kw)
+    _assert_same(got, mask_tokens(ids, seed=fold_row_offset(0, 4), backend="reference", **kw))
+    assert not torch.equal(got.labels, mask_tokens(ids, seed=0, backend="reference", **kw).labels)
+    _assert_same(mask_tokens(ids, row_offset=0, seed=0, **kw), mask_tokens(ids, seed=0, backend="reference", **kw))
 
 
 # ---- statistics: the twin behaves like the reference --------------------------------------------------------
