@@ -40,6 +40,7 @@ import torch
 import triton
 import triton.language as tl
 
+from mlmfast._checks import _compiling
 from mlmfast.errors import UserError
 
 from ._launch import device_arch, on_device
@@ -857,10 +858,16 @@ def _setup_context(ctx, inputs, output):
     ctx.softmax_scale = softmax_scale
 
 
-def _backward(ctx, dout, dlse):
+def _grads(ctx, dout, backward):
+    """The gradients of (q, k, v, bounds, kmask, seed, dropout_p, softmax_scale) from what _setup_context saved,
+    by `backward` (the custom op, or attention_backward itself on the eager path)."""
     q, k, v, out, lse, bounds, kmask, seed = ctx.saved_tensors
-    dq, dk, dv = _attention_bwd_op(dout, q, k, v, out, lse, bounds, kmask, seed, ctx.dropout_p, ctx.softmax_scale)
+    dq, dk, dv = backward(dout, q, k, v, out, lse, bounds, kmask, seed, ctx.dropout_p, ctx.softmax_scale)
     return dq, dk, dv, None, None, None, None, None
+
+
+def _backward(ctx, dout, dlse):
+    return _grads(ctx, dout, _attention_bwd_op)
 
 
 _attention_fwd_op.register_autograd(_backward, setup_context=_setup_context)
@@ -873,26 +880,15 @@ class _EagerAttention(torch.autograd.Function):
     on). torch.compile, fake tensors and tensor subclasses take the custom op (its fake impl and schema)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, bounds, kmask, seed, dropout_p, softmax_scale):
-        out, lse = attention_forward(q, k, v, bounds, kmask, seed, dropout_p, softmax_scale)
-        ctx.save_for_backward(q, k, v, out, lse, bounds, kmask, seed)
-        ctx.dropout_p, ctx.softmax_scale = dropout_p, softmax_scale
+    def forward(ctx, *inputs):
+        out, lse = attention_forward(*inputs)
+        _setup_context(ctx, inputs, (out, lse))
         ctx.mark_non_differentiable(lse)
         return out, lse
 
     @staticmethod
     def backward(ctx, dout, dlse):
-        q, k, v, out, lse, bounds, kmask, seed = ctx.saved_tensors
-        dq, dk, dv = attention_backward(dout, q, k, v, out, lse, bounds, kmask, seed, ctx.dropout_p,
-                                        ctx.softmax_scale)
-        return dq, dk, dv, None, None, None, None, None
-
-
-def _compiling() -> bool:
-    try:
-        return bool(torch.compiler.is_compiling())
-    except AttributeError:
-        return False
+        return _grads(ctx, dout, attention_backward)
 
 
 def _plain_eager(*tensors: torch.Tensor) -> bool:
@@ -932,7 +928,7 @@ def padding_bounds(batch: int, seq_len: int, seqlens: Optional[torch.Tensor],
     return torch.stack([lo, hi], dim=1).contiguous(), kmask
 
 
-_BOUNDS_CACHE: list = []  # at most one entry: (seqlens, key_padding_mask, their versions, B, L, device, result)
+_BOUNDS_CACHE: list = []  # at most one entry: (seqlens, key_padding_mask, (B, L, device, their versions), result)
 
 
 def _padding_bounds_cached(batch: int, seq_len: int, seqlens: Optional[torch.Tensor],
