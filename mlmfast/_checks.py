@@ -143,13 +143,17 @@ def check_range(name: str, t: torch.Tensor, lo: int, hi: int, *, what: str = "va
         raise UserError(f"{pre}: {what} {mn} < {lo}{hint} (expected {allowed})")
 
 
+def is_int(x) -> bool:
+    """A Python / numpy integer, not a bool (the checks' notion of an int argument)."""
+    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
+
+
 MAX_ROWS = 1 << 32  # mask_select's counter rows row_offset + b are uint32
 
 
 def check_row_offset(row_offset, batch: int) -> int:
     """mask_select's row_offset: an int that keeps every counter row row_offset + b (b < batch) below 2^32."""
-    ok = isinstance(row_offset, numbers.Integral) and not isinstance(row_offset, bool)
-    if not ok or not (0 <= row_offset and row_offset + max(batch, 1) <= MAX_ROWS):
+    if not is_int(row_offset) or not (0 <= row_offset and row_offset + max(batch, 1) <= MAX_ROWS):
         raise UserError(f"row_offset={row_offset!r}: expected an int in [0, 2^32 - B] = "
                         f"[0, {MAX_ROWS - max(batch, 1)}] (B = {batch} rows): the index of this call's first row in "
                         "the global batch, e.g. rank * local_batch_size")

@@ -29,12 +29,9 @@ from typing import Any, Optional, Union
 
 import torch
 
+from ._checks import is_int as _is_int
 from .errors import UserError
 from .masking import IGNORE_INDEX
-
-
-def _is_int(x) -> bool:
-    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
 
 
 def _check_return_tensors(return_tensors) -> None:

@@ -35,7 +35,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ._checks import INT, check_tensor, shape_str
+from ._checks import INT, check_tensor, is_int, shape_str
 from .attention import _TRITON_FOUND as _ATTN_TRITON_FOUND
 from .attention import attention
 from .errors import UserError
@@ -144,22 +144,19 @@ def unpad_plan(keep: Optional[torch.Tensor], backend: str, num_tokens: Optional[
 
 def check_num_tokens(num_tokens, batch: int, seq_len: int) -> None:
     """num_tokens: None or an int in [0, B * L] (no tensor: the point is that it is known on the host)."""
-    import numbers
-
     if num_tokens is None:
         return
-    if isinstance(num_tokens, bool) or not isinstance(num_tokens, numbers.Integral) or \
-            not 0 <= int(num_tokens) <= batch * seq_len:
+    if not is_int(num_tokens) or not 0 <= int(num_tokens) <= batch * seq_len:
         raise UserError(f"num_tokens: expected None or a Python int in [0, B * L] = [0, {batch * seq_len}], the "
                         f"number of real attention_mask positions counted on the host, got {num_tokens!r}")
 
 
-_MODULE_HOOKS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
+MODULE_HOOKS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")  # per-module
 
 
 def _plain_linear(m: nn.Module) -> bool:
     """An nn.Linear (not a subclass such as a LoRA / quantised layer) with no hooks of its own."""
-    return type(m) is nn.Linear and not any(getattr(m, h, None) for h in _MODULE_HOOKS)
+    return type(m) is nn.Linear and not any(getattr(m, h, None) for h in MODULE_HOOKS)
 
 
 def _global_module_hooks() -> bool:
@@ -194,30 +191,23 @@ def self_attention(x: torch.Tensor, query: nn.Module, key: nn.Module, value: nn.
     unpadded: x is (T, H), the real tokens of the plan; the projections run on them, attention on the padded
     layout, and the result is (T, H).
     """
-    if unpadded is not None:
-        T, H = x.shape
-        B, L, D = unpadded.batch, unpadded.seq_len, H // num_heads
-
-        def heads(t: torch.Tensor) -> torch.Tensor:  # (T, H) -> (B, nh, L, D), zeros at the padding
-            return unpadded.unpack(t).view(B, L, num_heads, D).transpose(1, 2)
-
-        q, k, v = (heads(t) for t in project(x, query, key, value))
-        if use_attention_kernel(q, D, backend):
-            y = attention(q, k, v, key_padding_mask=keep, dropout_p=dropout_p, softmax_scale=scale)
-        else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=padding_bias(keep, x.dtype), dropout_p=dropout_p,
-                                               scale=scale)  # (B, nh, L, D)
-        return unpadded.pack(y.transpose(1, 2).reshape(B, L, H))  # (T, H)
-    B, L, H = x.shape
+    if unpadded is None:
+        B, L, H = x.shape
+    else:
+        H, B, L = x.shape[1], unpadded.batch, unpadded.seq_len  # x (T, H)
     D = H // num_heads
-    q, k, v = (t.view(B, L, num_heads, D).transpose(1, 2)  # (B, nh, L, D), views of (B, L, 3, nh, D) storage
-               for t in project(x, query, key, value))
+
+    def heads(t: torch.Tensor) -> torch.Tensor:  # (B, L, H) or (T, H) -> (B, nh, L, D), zeros at any padding
+        return (t if unpadded is None else unpadded.unpack(t)).view(B, L, num_heads, D).transpose(1, 2)
+
+    q, k, v = (heads(t) for t in project(x, query, key, value))  # padded layout: views of one (B, L, 3H) output
     if use_attention_kernel(q, D, backend):
         y = attention(q, k, v, key_padding_mask=keep, dropout_p=dropout_p, softmax_scale=scale)  # (B, nh, L, D)
     else:
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=padding_bias(keep, q.dtype), dropout_p=dropout_p,
                                            scale=scale)  # (B, nh, L, D)
-    return y.transpose(1, 2).reshape(B, L, H)  # (B, L, H)
+    y = y.transpose(1, 2).reshape(B, L, H)  # (B, L, H)
+    return y if unpadded is None else unpadded.pack(y)  # (T, H) unpadded
 
 
 # ---- row selection --------------------------------------------------------------------------------------------

@@ -125,14 +125,11 @@ def _bypassed_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return out
 
 
-_HOOKS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
-
-
 def _hook_reasons(model: nn.Module) -> list[str]:
     """Hooks the fast path would not run: those on the modules it bypasses (the model's own run as usual)."""
     return [f"{name} has {kind.strip('_').replace('_', ' ')} that the fast path would not run; remove them, or "
             "use mlmfast.accelerate(model, path='reference')"
-            for name, m in _bypassed_modules(model)[1:] for kind in _HOOKS if getattr(m, kind, None)]
+            for name, m in _bypassed_modules(model)[1:] for kind in fast.MODULE_HOOKS if getattr(m, kind, None)]
 
 
 def _head(model: nn.Module) -> tuple[Callable[[torch.Tensor], torch.Tensor], nn.Linear]:

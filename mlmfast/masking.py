@@ -68,6 +68,7 @@ from typing import Iterable, Optional, Sequence, Union
 import torch
 
 from ._checks import INT, INT_OR_BOOL, check_range, check_row_offset, check_tensor, shape_str, special_id_list
+from ._checks import is_int as _is_int
 from .errors import UserError
 
 IGNORE_INDEX = -100  # label of a position the loss must ignore (torch.nn.functional.cross_entropy default)
@@ -140,10 +141,6 @@ def word_ids_from_tokens(
 
 
 # ---- validation --------------------------------------------------------------------------------------------
-def _is_int(x) -> bool:
-    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
-
-
 def _check_prob(name: str, value, *, open_interval: bool) -> float:
     if not isinstance(value, numbers.Real) or isinstance(value, bool) or math.isnan(float(value)):
         raise UserError(f"{name}={value!r} is not a number; pass a float probability")

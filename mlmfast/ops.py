@@ -30,6 +30,7 @@ import torch
 
 from . import dispatch
 from ._checks import FLOAT, INT_OR_BOOL, check_row_offset, check_tensor, shape_str, special_id_list
+from ._checks import is_int as _is_int
 from .errors import UserError
 from .masking import IGNORE_INDEX, MODES, MaskingOutput, default_max_predictions
 
@@ -313,10 +314,6 @@ def _(input_ids, attention_mask, lengths, special_tokens_mask, word_ids, special
 
 
 # ---- mask_select: the public function -----------------------------------------------------------------------
-def _is_int(x) -> bool:
-    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
-
-
 def _prob(name: str, value, lo_open: bool) -> float:
     if not isinstance(value, numbers.Real) or isinstance(value, bool) or math.isnan(float(value)):
         raise UserError(f"{name}={value!r} is not a number; pass a float probability")
