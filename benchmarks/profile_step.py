@@ -24,7 +24,7 @@ from typing import Any, Optional
 
 import torch
 
-from .harness import environment, short_device, time_calls
+from .harness import environment, short_device, spread, time_calls
 
 DEFAULT_PATHS = ("hf-sdpa", "mlmfast-fast")
 
@@ -71,16 +71,11 @@ def profile_path(path: str, cfg, state, batches, device: torch.device, *, steps:
                  prof_steps: int) -> dict[str, Any]:
     from torch.profiler import ProfilerActivity, profile
 
-    from mlmfast.trainer import TrainConfig, make_optimizer
+    from .train_suite import build_path, make_step
 
-    from .train_suite import build_model, make_step
-
-    model = build_model(path, cfg, state, device)
-    opt = make_optimizer(model, TrainConfig(), device)
-    fn = torch.compile(model) if path.endswith("-compile") else model
+    model, opt, fn = build_path(path, cfg, state, device)
     step = make_step(path, fn, opt, batches, device)
     _, timed = time_calls(step, warmup, steps, device)
-    med = sorted(timed)[len(timed) // 2]
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with profile(activities=acts) as prof:
         t0 = time.perf_counter()
@@ -89,7 +84,7 @@ def profile_path(path: str, cfg, state, batches, device: torch.device, *, steps:
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         wall = time.perf_counter() - t0
-    out = dict(path=path, step_ms=med * 1e3, profiled_steps=prof_steps, profiled_wall_ms=wall * 1e3 / prof_steps,
+    out = dict(path=path, step_ms=spread(timed)["ms"], profiled_steps=prof_steps, profiled_wall_ms=wall * 1e3 / prof_steps,
                **summarize(prof, prof_steps, wall))
     del model, opt, fn
     if device.type == "cuda":
@@ -125,8 +120,10 @@ def markdown(meta: dict, rows: list[dict]) -> str:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
+    from mlmfast.trainer import resolve_device
+
     from .inputs import TextSource
-    from .train_suite import PATHS, model_config, skip_reason
+    from .train_suite import PATHS, master_state, model_config, skip_reason
 
     ap = argparse.ArgumentParser(prog="python -m benchmarks.profile_step",
                                  description="device-busy share, kernel launches and top ops of training steps")
@@ -148,17 +145,13 @@ def main(argv: Optional[list[str]] = None) -> int:
     bad = [p for p in paths if p not in PATHS]
     if bad:
         ap.error(f"unknown path(s) {', '.join(bad)}; choose from {', '.join(PATHS)}")
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          "cpu" if args.device == "auto" else args.device)
+    device = resolve_device(args.device)
     L = args.seq_len
     B = args.batch_size or max(1, args.tokens_per_batch // L)
     text = TextSource(None)
     cfg = model_config(args.model, args.vocab_size, L, text.tokenizer.pad_token_id)
     batches = text.batches(args.dist, B, L, 4, args.vocab_size, device, 0)
-    from mlmfast.model import BertForMLM
-
-    torch.manual_seed(0)
-    state = {k: v.detach().clone() for k, v in BertForMLM(cfg).state_dict().items()}
+    state = master_state(cfg, 0)
     env = environment(device)
     meta = dict(device=short_device(env), date=str(env.get("date"))[:10], model=args.model, L=L, B=B, dist=args.dist,
                 git_commit=env.get("git_commit"))

@@ -124,6 +124,26 @@ def build_model(path: str, cfg, state: dict[str, torch.Tensor], device: torch.de
     return model.to(device).train()
 
 
+def master_state(cfg, seed: int) -> dict[str, torch.Tensor]:
+    """The weights every path starts from: those of one BertForMLM seeded with `seed`, on the CPU."""
+    from mlmfast.model import BertForMLM
+
+    torch.manual_seed(seed)
+    return {k: v.detach().clone() for k, v in BertForMLM(cfg).state_dict().items()}
+
+
+def build_path(path: str, cfg, state: dict[str, torch.Tensor], device: torch.device,
+               compile_mode: str = "default") -> tuple[torch.nn.Module, Any, Callable]:
+    """(model, optimizer, fn): the path's model, the trainer's AdamW (`make_optimizer`) and what its step calls
+    (torch.compile(model, mode=compile_mode) for the -compile paths, else the model)."""
+    from mlmfast.trainer import TrainConfig, make_optimizer
+
+    model = build_model(path, cfg, state, device)
+    opt = make_optimizer(model, TrainConfig(), device)
+    fn = torch.compile(model, mode=compile_mode) if path.endswith("-compile") else model
+    return model, opt, fn
+
+
 def make_step(path: str, fn: Callable, opt, batches, device: torch.device) -> Callable[[int], torch.Tensor]:
     """step(i) on batch i % n with fn = the path's model (or its torch.compile); returns the loss (no sync)."""
     amp = autocast_dtype(device)
@@ -186,13 +206,9 @@ def run(configs: list[StepConfig], dists: list[str], paths: list[str], text, dev
 
     def prepare(i: int, sc: StepConfig) -> tuple:
         if i not in prepared:
-            from mlmfast.model import BertForMLM
-
             cfg = model_config(sc.model, sc.vocab_size, sc.L, text.tokenizer.pad_token_id)
             batches = {d: text.batches(d, sc.B, sc.L, n_batches, sc.vocab_size, device, seed) for d in dists}
-            torch.manual_seed(seed)
-            state = {k: v.detach().clone() for k, v in BertForMLM(cfg).state_dict().items()}  # on the CPU
-            prepared[i] = (cfg, model_flops(cfg, sc.B, sc.L), batches, state)
+            prepared[i] = (cfg, model_flops(cfg, sc.B, sc.L), batches, master_state(cfg, seed))
         return prepared[i]
 
     for phase in ([p for p in order if not p.endswith("-compile")], [p for p in order if p.endswith("-compile")]):
@@ -226,16 +242,12 @@ def sort_rows(rows: list[dict], configs: list[StepConfig], dists: list[str]) -> 
 def _run_path(path, cfg, state, batches, base, device, emit, log, *, steps, warmup, flops, peak, deadline,
               compile_mode: str = "default") -> None:
     """Build the path's model once, then measure it on each dist's batches."""
-    from mlmfast.trainer import TrainConfig, make_optimizer
-
     mem = PeakMemory(device)
     mem.start()  # before the model exists: its weights, gradients and optimizer state count
     model = fn = opt = None
     build_error = first_error = lost = None
     try:
-        model = build_model(path, cfg, state, device)
-        opt = make_optimizer(model, TrainConfig(), device)
-        fn = torch.compile(model, mode=compile_mode) if path.endswith("-compile") else model
+        model, opt, fn = build_path(path, cfg, state, device, compile_mode)
     except Exception as exc:  # e.g. out of memory, an API that changed
         build_error = _error_reason(exc)
         lost = device_lost(device)
@@ -279,7 +291,6 @@ def _prime(paths: list[str], text, device: torch.device) -> list[str]:
     pools, library handles) then land before the first measured path, not inside its peak memory."""
     from mlmfast.config import ModelConfig
     from mlmfast.model import BertForMLM
-    from mlmfast.trainer import TrainConfig, make_optimizer
 
     V = text.tokenizer.vocab_size  # the batches hold the tokenizer's ids
     cfg = ModelConfig(vocab_size=V, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
@@ -289,9 +300,8 @@ def _prime(paths: list[str], text, device: torch.device) -> list[str]:
     failed = []
     for path in paths:
         try:
-            model = build_model(path, cfg, state, device)
-            fn = make_step(path, model, make_optimizer(model, TrainConfig(), device), bt, device)
-            fn(0)
+            _, opt, fn = build_path(path, cfg, state, device)
+            make_step(path, fn, opt, bt, device)(0)
             if device.type == "cuda":
                 torch.cuda.synchronize(device)  # an asynchronous error shows here, not in the first measured path
         except Exception as exc:  # the measured run reports it too
