@@ -3,7 +3,8 @@
     suite.py        command line, defaults per device, output files
     inputs.py       real text -> tokenizer -> batches (real / full row lengths) -> one masked copy for every path
     train_suite.py  end-to-end training steps: hf-eager, hf-sdpa, hf-sdpa-compile, hf-accelerated,
-                    mlmfast-reference, mlmfast-fast, mlmfast-fast-unpad, mlmfast-fast-compile; model FLOPs
+                    mlmfast-reference, mlmfast-fast, mlmfast-fast-unpad, mlmfast-fast-compile,
+                    mlmfast-fast-unpad-compile; model FLOPs
     profile_step.py device-busy share, kernel launches and top ops of training steps (host- or GPU-bound?)
     ops_suite.py    masking, gather, attention, linear + cross-entropy at the training shapes
     report.py       JSON, Markdown tables, PNG plot

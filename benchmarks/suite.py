@@ -74,7 +74,7 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     g.add_argument("--paths", default="all", help="comma list of train-step paths (default all: "
                                                  "hf-eager, hf-sdpa, hf-sdpa-compile, mlmfast-reference, "
                                                  "hf-accelerated, mlmfast-fast, mlmfast-fast-unpad, "
-                                                 "mlmfast-fast-compile)")
+                                                 "mlmfast-fast-compile, mlmfast-fast-unpad-compile)")
     g.add_argument("--ops", default="all", help="comma list of ops: masking, gather, attention, linear-CE")
     g.add_argument("--cpu-compile", action="store_true", help="run the torch.compile paths on CPU too")
     g.add_argument("--steps", type=int, help="timed training steps per path (GPU 20, CPU 5)")

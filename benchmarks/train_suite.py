@@ -14,6 +14,9 @@ Paths (every one gets the same weights, copied from one seeded BertForMLM, and t
                         layers 1..n-1 run their dense ops on the real tokens only (fast.unpad_plan); on CPU
                         mlmfast-fast does that already (skipped there)
   mlmfast-fast-compile  torch.compile of mlmfast-fast (mask_select outside the compiled module, inside the step)
+  mlmfast-fast-unpad-compile
+                        torch.compile of mlmfast-fast-unpad: what `mlmfast train --compile` runs (the count is
+                        a dynamic size: two builds, then any count); runs on CPU too (with --cpu-compile)
 A path that cannot run here is a row with status "skipped" and the reason; one that fails is "error" + reason.
 
 One step = (fast paths: mask_select) + forward + backward + AdamW step + zero_grad(set_to_none) — the trainer's
@@ -42,10 +45,10 @@ import torch
 from .harness import DeviceLost, PeakMemory, device_lost, median_rate, spread, time_calls
 
 PATHS = ("hf-eager", "hf-sdpa", "hf-sdpa-compile", "hf-accelerated", "mlmfast-reference", "mlmfast-fast",
-         "mlmfast-fast-unpad", "mlmfast-fast-compile")
+         "mlmfast-fast-unpad", "mlmfast-fast-compile", "mlmfast-fast-unpad-compile")
 # Measured order: eager paths first, compiled ones (slow to build) last, so a time budget cuts the compiles.
 RUN_ORDER = ("hf-eager", "hf-sdpa", "mlmfast-reference", "mlmfast-fast", "hf-accelerated", "mlmfast-fast-unpad",
-             "hf-sdpa-compile", "mlmfast-fast-compile")
+             "hf-sdpa-compile", "mlmfast-fast-compile", "mlmfast-fast-unpad-compile")
 UNPAD_CPU_REASON = "on CPU mlmfast-fast drops the padding itself (counting the real tokens is free there)"
 BASELINES = ("hf-eager", "hf-sdpa", "hf-sdpa-compile", "mlmfast-reference")
 CPU_COMPILE_REASON = "torch.compile on CPU is not part of the comparison (--cpu-compile runs it)"
@@ -151,9 +154,10 @@ def make_step(path: str, fn: Callable, opt, batches, device: torch.device) -> Ca
     fast = path.startswith("mlmfast-fast")
 
     def hint(j: int) -> dict:
-        # mlmfast-fast-unpad: the real-token count as the host knows it, so that the layers' dense ops run on the
-        # real tokens only on a GPU too (fast.unpad_plan); the other fast paths run the padded layout there.
-        return dict(num_tokens=batches.tokens[j]) if path == "mlmfast-fast-unpad" else {}
+        # mlmfast-fast-unpad(-compile): the real-token count as the host knows it, so that the layers' dense ops
+        # run on the real tokens only on a GPU and compiled too (fast.unpad_plan); the other fast paths run the
+        # padded layout there.
+        return dict(num_tokens=batches.tokens[j]) if path.startswith("mlmfast-fast-unpad") else {}
 
     def step(i: int) -> torch.Tensor:
         j = i % n

@@ -1,7 +1,8 @@
 """The fast MLM step's building blocks, shared by `BertForMLM` (path "fast") and `mlmfast.accelerate` (HF models).
 
     x = embeddings(ids) ─▶ layers 1..n-1: `encoder_layer` (fused attention; the dense ops on the real tokens only
-      when the batch is padded enough and their count is known without a sync: `unpad_plan`)
+      when the batch is padded enough and their count is known without a sync or a data-dependent shape:
+      `unpad_plan`)
       ─▶ pos = `target_positions`
       ─▶ layer n at the predicted positions only (`encoder_layer(queries=pos)`: keys / values from every row)
       ─▶ `compact_rows` (predicted rows first) ─▶ head transform ─▶ `linear_cross_entropy` ─▶ loss
@@ -111,25 +112,28 @@ def real_token_index(flat: torch.Tensor, num_tokens: int) -> torch.Tensor:
     number T = num_tokens on the host: a stable sort on the device puts them first, so there is no host sync
     (`nonzero` must read the count back). A wrong count is caught on the device (torch._assert_async)."""
     order = torch.sort((~flat).to(torch.uint8), stable=True).indices  # real positions first, in order
-    if hasattr(torch, "_assert_async") and flat.device.type not in ("cpu", "meta"):
+    if flat.device.type != "meta" and (flat.device.type != "cpu" or _compiling()):
         torch._assert_async(flat.sum() == num_tokens)
     return order[:num_tokens]
 
 
 def unpad_plan(keep: Optional[torch.Tensor], backend: str, num_tokens: Optional[int] = None) -> Optional[Unpadded]:
-    """An `Unpadded` plan when it pays and costs no device sync: backend "auto", eager mode, and at most
-    UNPAD_MAX_FILL of the positions real. None = run the layers on the padded (B, L, H) layout.
+    """An `Unpadded` plan when it pays and costs no device sync: backend "auto" and at most UNPAD_MAX_FILL of the
+    positions real. None = run the layers on the padded (B, L, H) layout.
 
-    The number of real positions decides. On the CPU it is read from the mask (free; num_tokens, if given, must
-    match it). On a GPU reading it would be a device->host sync, so there the plan needs num_tokens, the count
-    that the caller knows on the host (counted on the CPU batch before copying it, as the train benchmark's
-    mlmfast-fast-unpad path does; the trainer does not pass it: in the eager GPU step, which is bound by the
-    host's launch rate, unpadding measured slower on an H200, NOTES.md)."""
-    if keep is None or backend != "auto" or _compiling():
+    The number of real positions decides. In eager mode on the CPU it is read from the mask (free; num_tokens, if
+    given, must match it). On a GPU reading it would be a device->host sync, and under torch.compile a
+    data-dependent shape, so there the plan needs num_tokens, the count that the caller knows on the host
+    (counted on the CPU batch before copying it). Under torch.compile num_tokens becomes a dynamic size after the
+    second distinct value (dynamo's automatic dynamic shapes): two builds, not one per count. `mlmfast train
+    --compile` passes it; the eager trainer does not (in the eager GPU step, bound by the host's launch rate,
+    unpadding measured slower on an H200, NOTES.md); the train benchmark measures both (mlmfast-fast-unpad,
+    mlmfast-fast-unpad-compile)."""
+    if keep is None or backend != "auto":
         return None
     B, L = keep.shape
     flat = keep.reshape(-1)
-    if keep.device.type == "cpu":
+    if keep.device.type == "cpu" and not _compiling():
         count = int(flat.sum())
         if num_tokens is not None and num_tokens != count:
             raise UserError(f"num_tokens: expected the number of real (non-zero) attention_mask positions, "
@@ -166,18 +170,22 @@ def _global_module_hooks() -> bool:
                                                     "_global_backward_hooks", "_global_backward_pre_hooks"))
 
 
-def project(x: torch.Tensor, *linears: nn.Module) -> tuple[torch.Tensor, ...]:
+def project(x: torch.Tensor, *linears: nn.Module,
+            post: Optional[Callable[[torch.Tensor], torch.Tensor]] = None) -> tuple[torch.Tensor, ...]:
     """(lin(x) for lin in linears), as ONE matmul with the weights (and biases) concatenated when they are plain
     nn.Linear layers with the same input size and no hooks (else each module is called, hooks and all). Same
     math; fewer kernels: forward 1 GEMM instead of 3, backward 1 dX GEMM + 1 dW GEMM instead of 3 + 3 and no
     adds of the three dX (the eager GPU step is bound by the host's launch rate, NOTES.md). The parameters stay
-    the modules' own: state dicts, optimizers, FSDP2 and HF checkpoints see no change."""
+    the modules' own: state dicts, optimizers, FSDP2 and HF checkpoints see no change.
+    post (a row-wise map, e.g. `Unpadded.unpack`): applied to the fused output before it is split (once), else to
+    each module's output."""
+    post = post or (lambda t: t)
     if len(linears) < 2 or not all(_plain_linear(m) for m in linears) or _global_module_hooks() or \
             len({m.in_features for m in linears}) != 1 or len({m.bias is None for m in linears}) != 1:
-        return tuple(m(x) for m in linears)
+        return tuple(post(m(x)) for m in linears)
     w = torch.cat([m.weight for m in linears])
     b = None if linears[0].bias is None else torch.cat([m.bias for m in linears])
-    return F.linear(x, w, b).split([m.out_features for m in linears], dim=-1)
+    return post(F.linear(x, w, b)).split([m.out_features for m in linears], dim=-1)
 
 
 def self_attention(x: torch.Tensor, query: nn.Module, key: nn.Module, value: nn.Module, num_heads: int,
@@ -197,10 +205,11 @@ def self_attention(x: torch.Tensor, query: nn.Module, key: nn.Module, value: nn.
         H, B, L = x.shape[1], unpadded.batch, unpadded.seq_len  # x (T, H)
     D = H // num_heads
 
-    def heads(t: torch.Tensor) -> torch.Tensor:  # (B, L, H) or (T, H) -> (B, nh, L, D), zeros at any padding
-        return (t if unpadded is None else unpadded.unpack(t)).view(B, L, num_heads, D).transpose(1, 2)
+    def heads(t: torch.Tensor) -> torch.Tensor:  # (B, L, H) -> (B, nh, L, D)
+        return t.view(B, L, num_heads, D).transpose(1, 2)
 
-    q, k, v = (heads(t) for t in project(x, query, key, value))  # padded layout: views of one (B, L, 3H) output
+    # padded layout (unpadded: scattered back once, zeros at the padding): views of one (B, L, 3H) output
+    q, k, v = (heads(t) for t in project(x, query, key, value, post=None if unpadded is None else unpadded.unpack))
     if use_attention_kernel(q, D, backend):
         y = attention(q, k, v, key_padding_mask=keep, dropout_p=dropout_p, softmax_scale=scale)  # (B, nh, L, D)
     else:

@@ -405,8 +405,8 @@ class BertForMLM(nn.Module):
         (== reference logits[labels != -100]).
         num_tokens (fast path, optional): the number of non-zero attention_mask positions, as counted on the host
         (on the CPU batch, before copying it). With it, a padded enough batch runs the encoder's dense ops on its
-        real tokens only on a GPU too, without a device->host sync (`fast.unpad_plan`; it pays when the step is
-        GPU-bound, not in a launch-bound eager step: NOTES.md).
+        real tokens only on a GPU and under torch.compile too, without a device->host sync (`fast.unpad_plan`;
+        it pays when the step is GPU-bound, not in a launch-bound eager GPU step: NOTES.md).
         """
         from . import fast
 

@@ -251,6 +251,9 @@ class MaskingSpec:
         )
 
 
+NUM_TOKENS_KEY = "num_tokens"  # a device batch's real-token count (a Python int from the host), under --compile
+
+
 def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
     nb = device.type == "cuda"
     return {k: (v.to(device, non_blocking=nb) if torch.is_tensor(v) else v) for k, v in batch.items()}
@@ -266,13 +269,17 @@ def mlm_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tens
     return loss_sum, sel.sum(), correct
 
 
-def train_forward(model, path: str, masked, attention_mask: torch.Tensor):
+def train_forward(model, path: str, masked, attention_mask: torch.Tensor, num_tokens: Optional[int] = None):
     """The model call of one training micro-step. Fast path: the compact targets (positions / position_labels,
     no compaction, no host sync); reference path: dense labels and full logits. Same targets, same loss.
-    (No num_tokens: GPU unpadding measured slower in the eager step on an H200, see NOTES.md.)"""
+    num_tokens (fast path): the batch's real-token count from the host, so that a padded batch runs the dense ops
+    on its real tokens (`fast.unpad_plan`). The training loop passes it under --compile only: in the eager GPU
+    step, bound by the host's launch rate, unpadding measured slower on an H200 (NOTES.md); eager on the CPU
+    the model counts for free itself."""
     if path == "fast":
+        extra = {} if num_tokens is None else {"num_tokens": num_tokens}
         return model(masked.input_ids, attention_mask=attention_mask, positions=masked.positions,
-                     position_labels=masked.position_labels)
+                     position_labels=masked.position_labels, **extra)
     return model(masked.input_ids, attention_mask=attention_mask, labels=masked.labels)
 
 
@@ -867,6 +874,8 @@ def _train(cfg: TrainConfig, resume, log: Callable[[str], None], stop_after: Opt
                 raw = next(it)
                 n_tok = int(raw["lengths"].sum())  # counted on the host copy: no device sync
                 batch = to_device(raw, device)
+                if cfg.compile:  # the host's count: compiled, a padded batch runs its dense ops on the real tokens
+                    batch[NUM_TOKENS_KEY] = n_tok
                 part = i * W + env.rank  # this micro-batch's place in the step's global batch (rows part*B...)
                 if split_invariant:
                     masked = spec.apply(batch, seed=mask_seed(cfg.seed, step), row_offset=part * B)
@@ -1003,7 +1012,7 @@ def train_step(model, optimizer, scaler, micro_batches, path: str, clip_grad_nor
         with _grad_sync(model, i == len(micro_batches) - 1):
             with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
                 out = train_forward(forward_model if forward_model is not None else model, path, masked,
-                                    batch["attention_mask"])
+                                    batch["attention_mask"], batch.get(NUM_TOKENS_KEY))
             loss = out.loss.float() * share[i]  # this micro-batch's part of the global mean
             (scaler.scale(loss) if scaler is not None else loss).backward()
         loss_acc += loss.detach()

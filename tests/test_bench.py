@@ -12,7 +12,7 @@ from mlmfast.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN_PATHS = {"hf-eager", "hf-sdpa", "hf-sdpa-compile", "hf-accelerated", "mlmfast-reference", "mlmfast-fast",
-               "mlmfast-fast-unpad", "mlmfast-fast-compile"}
+               "mlmfast-fast-unpad", "mlmfast-fast-compile", "mlmfast-fast-unpad-compile"}
 OPS = {"masking", "gather", "attention", "linear-CE"}
 
 
@@ -233,8 +233,8 @@ def test_suite_writes_what_it_has_when_the_device_is_lost(tmp_path, monkeypatch,
 
 
 def test_unpad_path_passes_the_host_count_and_others_do_not():
-    """mlmfast-fast-unpad gives the model the batch's real-token count (on a GPU the plan needs it); the other fast
-    paths run padded there. The step with the count is the same step: same loss on CPU, where both unpad."""
+    """mlmfast-fast-unpad(-compile) give the model the batch's real-token count (on a GPU and compiled the plan
+    needs it); the other fast paths run padded there. The step with the count is the same step: same loss on CPU, where both unpad."""
     from benchmarks import train_suite as ts
     from benchmarks.inputs import Batches
     from mlmfast.config import ModelConfig
@@ -253,16 +253,18 @@ def test_unpad_path_passes_the_host_count_and_others_do_not():
                                                hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0))
     model.set_path("fast").train()
     seen, losses = [], {}
-    for path in ("mlmfast-fast", "mlmfast-fast-unpad", "mlmfast-fast-compile"):
+    for path in ("mlmfast-fast", "mlmfast-fast-unpad", "mlmfast-fast-compile", "mlmfast-fast-unpad-compile"):
         def fn(*a, **kw):
             seen.append((path, kw.get("num_tokens")))
             return model(*a, **kw)
         opt = torch.optim.SGD(model.parameters(), lr=0.0)
         losses[path] = ts.make_step(path, fn, opt, bt, torch.device("cpu"))(0)
-    assert seen == [("mlmfast-fast", None), ("mlmfast-fast-unpad", int(am.sum())), ("mlmfast-fast-compile", None)]
+    assert seen == [("mlmfast-fast", None), ("mlmfast-fast-unpad", int(am.sum())), ("mlmfast-fast-compile", None),
+                    ("mlmfast-fast-unpad-compile", int(am.sum()))]
     assert losses["mlmfast-fast"] == losses["mlmfast-fast-unpad"]
     assert ts.skip_reason("mlmfast-fast-unpad", torch.device("cpu")) == ts.UNPAD_CPU_REASON
     assert ts.skip_reason("mlmfast-fast-unpad", torch.device("meta")) is None
+    assert ts.skip_reason("mlmfast-fast-unpad-compile", torch.device("cpu"), cpu_compile=True) is None
 
 
 def test_union_of_kernel_intervals():

@@ -464,6 +464,52 @@ def test_gpu_fast_model_compiles_fullgraph_with_inductor(cuda_device, which):
     torch.testing.assert_close(loss, eager, rtol=2e-2, atol=0)  # bf16: inductor may fuse / round differently
 
 
+@pytest.mark.gpu
+def test_gpu_compiled_unpadded_step(cuda_device):
+    """What `mlmfast train --compile` runs on padded batches: inductor, bf16, the host's real-token count. Three
+    batches with three counts: the loss and the gradients equal the eager padded step's (bf16 tolerance), two
+    builds in all (the count is a dynamic size), and the third step, after the builds, has no host sync."""
+    from torch._dynamo.utils import counters
+
+    cfg = tiny_config(vocab_size=1000, hidden_size=128, num_attention_heads=2, intermediate_size=512,
+                      max_position_embeddings=512, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    torch.manual_seed(0)
+    model = BertForMLM(cfg).to(cuda_device).set_path("fast").train()
+    ids, am, labels, pos, plab = _gpu_batch(cuda_device)
+
+    def step(fn, am, guarded=False, **extra):
+        model.zero_grad(set_to_none=True)
+        torch.cuda.synchronize()
+        if guarded:
+            torch.cuda.set_sync_debug_mode("error")
+        try:
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                loss = fn(ids, attention_mask=am, positions=pos, position_labels=plab, **extra).loss
+            loss.backward()
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+        return loss.float(), {n: p.grad.float() for n, p in model.named_parameters() if p.grad is not None}
+
+    torch._dynamo.reset()
+    counters.clear()
+    try:
+        compiled = torch.compile(model, fullgraph=True)
+        for i, length in enumerate((50, 60, 70)):
+            am_i = am.clone()
+            am_i[1, :length] = 1  # row 1 (42 real tokens, its labels among them) grows: another count each time
+            n = int(am_i.cpu().sum())  # counted before any guard, as the trainer counts the host batch
+            assert n <= fast.UNPAD_MAX_FILL * am_i.numel()
+            eager = step(model, am_i)
+            got = step(compiled, am_i, guarded=i == 2, num_tokens=n)
+            torch.testing.assert_close(got[0], eager[0], rtol=2e-2, atol=0)
+            for name, g in eager[1].items():
+                err = (got[1][name] - g).abs().max().item()
+                assert err <= 5e-2 * g.abs().max().item() + 1e-4, (name, err)
+        assert counters["stats"]["unique_graphs"] == 2, dict(counters["stats"])
+    finally:
+        torch._dynamo.reset()
+
+
 @pytest.mark.parametrize("which", ["bertformlm", "hf-bert", "hf-roberta"])
 def test_fast_model_compiles_fullgraph_on_cpu(which):
     """The whole fast step traces into one graph (no graph break: the GPU test's fullgraph compile of the same
@@ -539,6 +585,51 @@ def test_unpadding_only_when_it_pays_and_costs_no_sync():
     assert fast.unpad_plan(keep, "auto", num_tokens=19).index.tolist() == plan_cpu_index(keep)
     with pytest.raises(UserError, match="num_tokens: expected the number of real .* 19, got 20"):
         fast.unpad_plan(keep, "auto", num_tokens=20)  # on the CPU a wrong count is caught exactly
+
+
+def test_compiled_step_unpads_with_the_host_count():
+    """Under torch.compile the plan comes from num_tokens only (counting the mask would be a data-dependent shape):
+    the traced graph holds the sync-free index (a sort), the loss and every gradient equal eager's, and the count
+    is a dynamic size: five batches with five counts build two graphs, not five. Without the count the compiled
+    step runs the padded layout (no sort in its graph), as before."""
+    torch.manual_seed(4)
+    model = BertForMLM(tiny_config(num_hidden_layers=3)).set_path("fast")
+    graphs = []
+
+    def backend(gm, example_inputs):  # dynamo's graph, kept for inspection and run as it is (autograd as usual)
+        graphs.append(gm)
+        return gm.forward
+
+    def step(fn, **inputs):
+        model.zero_grad(set_to_none=True)
+        loss = fn(**inputs).loss
+        loss.backward()
+        return loss.detach(), {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    def sorts(gm):
+        return sum(n.op == "call_function" and n.target is torch.sort for n in gm.graph.nodes)
+
+    torch._dynamo.reset()
+    try:
+        compiled = torch.compile(model, fullgraph=True, backend=backend)
+        for i in range(5):
+            ids, am, labels = batch(4, 33, seed=i)
+            am[0, 5 + 3 * i:] = 0  # a different count each time
+            ids[am == 0] = 0
+            labels[am == 0] = -100
+            labels[0, 1] = ids[0, 1]
+            inputs = dict(input_ids=ids, attention_mask=am, labels=labels)
+            n = int(am.sum())
+            assert n <= fast.UNPAD_MAX_FILL * am.numel()
+            assert_same(step(compiled, **inputs, num_tokens=n), step(model, **inputs))  # eager: counts itself
+        assert len(graphs) == 2 and all(sorts(g) == 1 for g in graphs), [sorts(g) for g in graphs]
+        torch._dynamo.reset()
+        graphs.clear()
+        compiled = torch.compile(model, fullgraph=True, backend=backend)
+        assert_same(step(compiled, **inputs), step(model, **inputs))
+        assert len(graphs) == 1 and sorts(graphs[0]) == 0
+    finally:
+        torch._dynamo.reset()
 
 
 def plan_cpu_index(keep):

@@ -132,7 +132,10 @@ def test_warmup_then_decay():
 def test_compile_trains_the_same_steps(corpus_file, tmp_path, monkeypatch):
     """--compile sends the training forward through torch.compile (aot_eager here: the same traced graphs
     without generated code): the same losses as the eager run (dropout off: compiled RNG may draw in another
-    order), plain state-dict keys in the saved model, and a resume may switch it off."""
+    order), plain state-dict keys in the saved model, and a resume may switch it off. One document per row
+    (padded rows): the compiled forward gets each batch's real-token count from the host (what lets it run the
+    dense ops on the real tokens; the eager one counts for itself on the CPU and gets none)."""
+    import mlmfast.trainer as trainer_mod
     from mlmfast.data import read_corpus
     from mlmfast.tokenizer import train_tokenizer
     from mlmfast.trainer import COMPILE_BACKEND_ENV
@@ -140,7 +143,18 @@ def test_compile_trains_the_same_steps(corpus_file, tmp_path, monkeypatch):
     tok_dir = tmp_path / "tok"
     train_tokenizer(read_corpus([str(corpus_file)]), vocab_size=400).save(str(tok_dir))
     monkeypatch.setenv(COMPILE_BACKEND_ENV, "aot_eager")
-    kw = dict(max_steps=6, save_every=3, tokenizer=str(tok_dir), dropout=0.0)
+    counts = []  # (compiled?, num_tokens given, real tokens of the batch)
+    real_forward = trainer_mod.train_forward
+
+    def spy(model, path, masked, attention_mask, num_tokens=None):
+        counts.append((model is not None and hasattr(model, "_orig_mod"), num_tokens, int(attention_mask.sum())))
+        return real_forward(model, path, masked, attention_mask, num_tokens)
+
+    monkeypatch.setattr(trainer_mod, "train_forward", spy)
+    short = tmp_path / "short.txt"  # one line per document: short documents, padded rows
+    lines = [ln.strip() for ln in corpus_file.read_text().splitlines() if ln.strip()]
+    short.write_text("\n\n".join(lines[:800]) + "\n")
+    kw = dict(max_steps=6, save_every=3, tokenizer=str(tok_dir), dropout=0.0, pack=False, data=[str(short)])
     torch._dynamo.reset()
     try:
         logs = []
@@ -157,6 +171,9 @@ def test_compile_trains_the_same_steps(corpus_file, tmp_path, monkeypatch):
         torch._dynamo.reset()
     got = compiled.train_losses + resumed.train_losses
     assert len(got) == 6
+    assert [c[0] for c in counts] == [False] * 6 + [True] * 3 + [False] * 3
+    assert all(n == (real if was_compiled else None) for was_compiled, n, real in counts), counts
+    assert any(real <= 0.85 * 8 * 32 for _, _, real in counts)  # padded enough to unpad
     for a, b in zip(got, eager.train_losses):
         assert abs(a - b) <= 1e-4 * abs(b), (got, eager.train_losses)
     from safetensors.torch import load_file
