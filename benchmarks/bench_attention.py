@@ -5,7 +5,11 @@
     python benchmarks/bench_attention.py --L 512 --D 64 --sweep   # try launch configs, print the best per kernel
 
 FLOPs (non-causal, padding excluded): forward 4 * H * D * sum_b L_b^2, backward 2.5x that (fwd+bwd = 3.5x).
-Timings: triton.testing.do_bench (CUDA graphs not used), median with p20 / p80, after warm-up, random data.
+Timings (`--timing`, default both), median with p20 / p80, after warm-up, random data:
+  events  triton.testing.do_bench: each call launched from Python, as an eager training step launches it; a call
+          shorter than its host time (launches, autograd) measures the host
+  graph   triton.testing.do_bench_cudagraph: the calls captured in a CUDA graph and replayed, so the kernels' own
+          time (what a CUDA-graphed / torch.compile(mode="reduce-overhead") step sees); every provider alike
 Providers: mlmfast (the Triton kernel), sdpa (torch SDPA: flash backend without a mask; with padding a
 boolean mask and whatever backend SDPA picks), eager (matmul + softmax + matmul, the reference), flash-attn
 (flash_attn_func; varlen on the unpadded tokens with padding) when importable.
@@ -53,10 +57,17 @@ def _flops_fwd(H: int, D: int, lens: list[int]) -> float:
     return 4.0 * H * D * sum(n * n for n in lens)
 
 
-def _bench_cuda(fn: Callable[[], object], grad_to_none=None) -> tuple[float, float, float]:
-    from triton.testing import do_bench
+TIMINGS = ("events", "graph")
 
-    q = do_bench(fn, warmup=25, rep=100, grad_to_none=grad_to_none, quantiles=[0.5, 0.2, 0.8])
+
+def _bench_cuda(fn: Callable[[], object], grad_to_none=None, timing: str = "events") -> tuple[float, float, float]:
+    """(median, p20, p80) ms per call of fn; timing: see the module docstring."""
+    from triton.testing import do_bench, do_bench_cudagraph
+
+    if timing == "graph":
+        q = do_bench_cudagraph(fn, rep=100, grad_to_none=grad_to_none, quantiles=[0.5, 0.2, 0.8])
+    else:
+        q = do_bench(fn, warmup=25, rep=100, grad_to_none=grad_to_none, quantiles=[0.5, 0.2, 0.8])
     return tuple(float(x) for x in q)
 
 
@@ -125,6 +136,7 @@ def _providers(padded: bool, device: str) -> dict[str, Callable]:
 def run(args) -> list[dict]:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = DTYPES[args.dtype]
+    timings = list(dict.fromkeys(args.timing)) if device == "cuda" else ["cpu"]
     env = _env()
     rows = []
     for D in args.D:
@@ -144,7 +156,7 @@ def run(args) -> list[dict]:
                         continue
                     if name == "eager" and B * H * L * L * 4 > args.eager_max_bytes:
                         continue  # the score matrix would not fit
-                    for mode in args.modes:
+                    for mode, timing in [(m, t) for m in args.modes for t in timings]:
                         if mode == "fwd":
                             def fn(f=f):
                                 with torch.no_grad():
@@ -156,54 +168,61 @@ def run(args) -> list[dict]:
                             mult = 3.5
                         try:
                             if device == "cuda":
-                                med, p20, p80 = _bench_cuda(fn, grad_to_none=[q, k, v])
+                                med, p20, p80 = _bench_cuda(fn, grad_to_none=[q, k, v], timing=timing)
                             else:
                                 med, p20, p80 = _bench_cpu(fn)
-                        except Exception as exc:  # e.g. out of memory, or a backend that refuses the shape
-                            print(f"skip {name} {mode} L={L} D={D} {padding}: {type(exc).__name__}: "
-                                  f"{str(exc).splitlines()[0][:120]}", file=sys.stderr)
+                        except Exception as exc:  # e.g. out of memory, a backend that refuses the shape or capture
+                            print(f"skip {name} {mode} {timing} L={L} D={D} {padding}: {type(exc).__name__}: "
+                                  f"{(str(exc).splitlines() or [''])[0][:120]}", file=sys.stderr)
                             torch.cuda.empty_cache() if device == "cuda" else None
                             continue
                         row = dict(provider=name, mode=mode, L=L, D=D, B=B, H=H, padding=padding,
-                                   dtype=args.dtype, ms=med, p20_ms=p20, p80_ms=p80,
+                                   dtype=args.dtype, timing=timing, ms=med, p20_ms=p20, p80_ms=p80,
                                    tflops=mult * flops / (med * 1e-3) / 1e12, **env)
                         rows.append(row)
-                        print(f"{name:10s} {mode:7s} L={L:5d} D={D:3d} B={B:3d} H={H:2d} {padding:4s} "
+                        print(f"{name:10s} {mode:7s} {timing:6s} L={L:5d} D={D:3d} B={B:3d} H={H:2d} {padding:4s} "
                               f"{med:8.3f} ms [{p20:.3f}, {p80:.3f}]  {row['tflops']:7.1f} TFLOP/s", flush=True)
     return rows
 
 
+def _timing(r: dict) -> str:
+    return r.get("timing", "events")  # result files before the graph timing: events
+
+
 def _markdown(rows: list[dict]) -> str:
-    out = ["| provider | mode | L | D | B | H | padding | median ms | p20 ms | p80 ms | TFLOP/s | vs sdpa |",
-           "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
-    sdpa = {(r["mode"], r["L"], r["D"], r["padding"]): r["ms"] for r in rows if r["provider"] == "sdpa"}
+    out = ["| provider | mode | timing | L | D | B | H | padding | median ms | p20 ms | p80 ms | TFLOP/s | vs sdpa |",
+           "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    sdpa = {(r["mode"], _timing(r), r["L"], r["D"], r["padding"]): r["ms"] for r in rows if r["provider"] == "sdpa"}
     for r in rows:
-        base = sdpa.get((r["mode"], r["L"], r["D"], r["padding"]))
+        base = sdpa.get((r["mode"], _timing(r), r["L"], r["D"], r["padding"]))
         speed = f"{base / r['ms']:.2f}x" if base else "-"
-        out.append(f"| {r['provider']} | {r['mode']} | {r['L']} | {r['D']} | {r['B']} | {r['H']} | {r['padding']} | "
-                   f"{r['ms']:.3f} | {r['p20_ms']:.3f} | {r['p80_ms']:.3f} | {r['tflops']:.1f} | {speed} |")
+        out.append(f"| {r['provider']} | {r['mode']} | {_timing(r)} | {r['L']} | {r['D']} | {r['B']} | {r['H']} | "
+                   f"{r['padding']} | {r['ms']:.3f} | {r['p20_ms']:.3f} | {r['p80_ms']:.3f} | {r['tflops']:.1f} | "
+                   f"{speed} |")
     return "\n".join(out)
 
 
 def _targets(rows: list[dict]) -> str:
-    def get(provider, mode, padding):
+    """The issue's targets (bf16, D=64, L=512), one line per target and timing measured."""
+    def get(provider, mode, padding, timing):
         for r in rows:
-            if (r["provider"], r["mode"], r["L"], r["D"], r["padding"], r["dtype"]) == \
-                    (provider, mode, 512, 64, padding, "bf16"):
+            if (r["provider"], r["mode"], r["L"], r["D"], r["padding"], r["dtype"], _timing(r)) == \
+                    (provider, mode, 512, 64, padding, "bf16", timing):
                 return r
         return None
 
-    lines = ["| target (bf16, D=64, L=512) | bar | measured | ok |", "| --- | --- | --- | --- |"]
-    for mode, key in (("fwd", "fwd TFLOP/s"), ("fwd+bwd", "fwd+bwd TFLOP/s")):
-        r = get("mlmfast", mode, "none")
-        if r:
-            ok = "yes" if r["tflops"] >= TARGETS[key] else "NO"
-            lines.append(f"| {key} | {TARGETS[key]:.0f} | {r['tflops']:.1f} | {ok} |")
-    key = "half padded: speedup vs SDPA with mask (fwd+bwd)"
-    a, b = get("mlmfast", "fwd+bwd", "half"), get("sdpa", "fwd+bwd", "half")
-    if a and b:
-        s = b["ms"] / a["ms"]
-        lines.append(f"| {key} | {TARGETS[key]:.0f}x | {s:.2f}x | {'yes' if s >= TARGETS[key] else 'NO'} |")
+    lines = ["| target (bf16, D=64, L=512) | timing | bar | measured | ok |", "| --- | --- | --- | --- | --- |"]
+    for timing in dict.fromkeys(_timing(r) for r in rows):
+        for mode, key in (("fwd", "fwd TFLOP/s"), ("fwd+bwd", "fwd+bwd TFLOP/s")):
+            r = get("mlmfast", mode, "none", timing)
+            if r:
+                ok = "yes" if r["tflops"] >= TARGETS[key] else "NO"
+                lines.append(f"| {key} | {timing} | {TARGETS[key]:.0f} | {r['tflops']:.1f} | {ok} |")
+        key = "half padded: speedup vs SDPA with mask (fwd+bwd)"
+        a, b = get("mlmfast", "fwd+bwd", "half", timing), get("sdpa", "fwd+bwd", "half", timing)
+        if a and b:
+            sp = b["ms"] / a["ms"]
+            lines.append(f"| {key} | {timing} | {TARGETS[key]:.0f}x | {sp:.2f}x | {'yes' if sp >= TARGETS[key] else 'NO'} |")
     return "\n".join(lines) if len(lines) > 2 else ""
 
 
@@ -325,6 +344,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--hidden", type=int, default=2048, help="H = hidden // D (default 2048)")
     ap.add_argument("--padding", nargs="+", default=["none", "half"], choices=["none", "half"])
     ap.add_argument("--modes", nargs="+", default=["fwd", "fwd+bwd"], choices=["fwd", "fwd+bwd"])
+    ap.add_argument("--timing", nargs="+", default=list(TIMINGS), choices=TIMINGS,
+                    help="GPU: events (launched from Python), graph (CUDA-graph replay: kernel time); default both")
     ap.add_argument("--providers", nargs="*", default=None, help="subset of mlmfast sdpa eager flash-attn")
     ap.add_argument("--eager-max-bytes", type=float, default=16e9, help="skip eager when B*H*L*L*4 exceeds this")
     ap.add_argument("--sweep", action="store_true", help="time launch configs of each kernel (GPU)")

@@ -1,16 +1,19 @@
 #!/usr/bin/env bash
 # The GPU check in one call, for an H100 machine with no network: offline install, GPU tests, op and train-step
-# benchmarks at BERT-base, L = 128 and 512; a short table printed last. Under 8 minutes in all: every stage runs
+# benchmarks at BERT-base, L = 512 (the targets' length: first, so that a spent budget cuts L = 128's compiles)
+# and 128; a short table printed last. Under 9 minutes in all: every stage runs
 # under `timeout`, and the benchmark starts nothing new once its time budget is spent (the rest becomes skipped
 # rows) and, if stopped, still writes what it measured.
 #
 #   benchmarks/gpu_check.sh [OUT_DIR]                       # OUT_DIR: default $OUT, else results_gpu
 #   GPU_CHECK_DRY_RUN=1 benchmarks/gpu_check.sh /tmp/gc     # on a CPU: checks the script itself (no install,
 #                                                           # GPU tests collected only, a tiny CPU benchmark)
-# Files in OUT_DIR (flat, 8): nvidia-smi.txt install.log pytest_gpu.log bench.log results.json results.md results.png
-# profile.md (benchmarks/profile_step.py: device-busy share, kernel launches and top ops of hf-sdpa and mlmfast-fast
-# steps at L = 128; run when 45 s are left after the benchmarks)
-# Environment: GPU_CHECK_SECONDS (total budget, default 465), PYTHON (default python3), MLMFAST_GIT_COMMIT (the
+# Files in OUT_DIR (flat, 8): install.log (nvidia-smi first) pytest_gpu.log bench.log results.json results.md
+# results.png attention.json (benchmarks/bench_attention.py at issue 4's target shape, D = 64, L = 512, no / half
+# padding, mlmfast vs SDPA, timed launched from Python and as CUDA-graph replays; 60 s) profile.md
+# (benchmarks/profile_step.py: device-busy share, kernel launches and top ops of hf-sdpa and mlmfast-fast steps at
+# L = 128; 45 s)
+# Environment: GPU_CHECK_SECONDS (total budget, default 540: call it with a 590 s limit), PYTHON (default python3), MLMFAST_GIT_COMMIT (the
 # commit to record where the copy has no .git), GPU_CHECK_TESTS=0 (skip the GPU tests), GPU_CHECK_BENCH_ARGS
 # (extra arguments for the benchmark, after the defaults, so they win; e.g. "--suite train --seq-lens 512"),
 # GPU_CHECK_TEST_WORKERS (pytest-xdist processes for the GPU tests when xdist is installed; default 8, 0 = one).
@@ -22,7 +25,7 @@ OUT=${1:-${OUT:-results_gpu}}
 mkdir -p "$OUT"
 PY=${PYTHON:-python3}
 DRY=${GPU_CHECK_DRY_RUN:-0}
-TOTAL=${GPU_CHECK_SECONDS:-465}
+TOTAL=${GPU_CHECK_SECONDS:-540}
 START=$(date +%s)
 export PYTHONUNBUFFERED=1
 left() { echo $((TOTAL - ($(date +%s) - START))); }
@@ -32,20 +35,16 @@ export MLMFAST_GIT_COMMIT
 
 note "out=$OUT budget=${TOTAL}s dry_run=$DRY commit=$MLMFAST_GIT_COMMIT"
 
-# 1. The device.
-if command -v nvidia-smi >/dev/null 2>&1; then
-  nvidia-smi >"$OUT/nvidia-smi.txt" 2>&1 || true
-  nvidia-smi -L 2>/dev/null || true
-else
-  echo "nvidia-smi not found" >"$OUT/nvidia-smi.txt"
-fi
+# 1. The device (at the top of install.log: the device tool brings back 8 files at most).
+{ echo "== nvidia-smi"; nvidia-smi 2>&1 || echo "nvidia-smi not found"; echo; echo "== install"; } >"$OUT/install.log"
+nvidia-smi -L 2>/dev/null || true
 
 # 2. Offline install (builds mlmfast._C, with the CUDA part when nvcc is there), then what is installed.
 if [ "$DRY" = 1 ]; then
-  echo "dry run: skipped: $PY -m pip install --no-build-isolation --no-deps -e ." >"$OUT/install.log"
+  echo "dry run: skipped: $PY -m pip install --no-build-isolation --no-deps -e ." >>"$OUT/install.log"
   install="dry run (skipped)"
 elif PIP_DISABLE_PIP_VERSION_CHECK=1 timeout -k 10 240 "$PY" -m pip install --no-index --no-build-isolation \
-    --no-deps -e . >"$OUT/install.log" 2>&1; then
+    --no-deps -e . >>"$OUT/install.log" 2>&1; then
   install="ok"
   # without the CUDA part the GPU tests of mask_select / gather fail and the benchmark runs their twins: say so now
   cuda_part=$("$PY" -c "from mlmfast import ops; e = ops.extension()
@@ -87,14 +86,14 @@ else
 fi
 note "tests: $tests"
 
-# 4. Benchmarks: ops + train steps. Hard stop 60 s before the end (45 s for the step profile, 15 s spare); no new
-# path in the last 75 s before that (a torch.compile build takes up to about a minute).
-t_bench=$(($(left) - 60))
+# 4. Benchmarks: ops + train steps. Hard stop 120 s before the end (60 s for the attention bench, 45 s for the
+# step profile, 15 s spare); no new path in the last 75 s before that (a torch.compile build takes up to a minute).
+t_bench=$(($(left) - 120))
 budget=$((t_bench - 75))
 if [ "$DRY" = 1 ]; then
   bargs=(--device cpu --smoke)
 else
-  bargs=(--device cuda --models bert-base --seq-lens 128,512 --tokens-per-batch 16384 --steps 10 --warmup 2
+  bargs=(--device cuda --models bert-base --seq-lens 512,128 --tokens-per-batch 16384 --steps 10 --warmup 2
          --compile-warmup 3)
 fi
 # shellcheck disable=SC2206
@@ -115,6 +114,32 @@ else
   esac
 fi
 note "benchmarks: $bench"
+
+# 4b. Attention at issue 4's target shape: events (as an eager step launches it) and CUDA-graph replay (the kernels'
+# own time), mlmfast and SDPA alike. Its table goes to bench.log.
+t_attn=$(($(left) - 60))
+[ "$t_attn" -le 60 ] || t_attn=60
+if [ "$DRY" = 1 ]; then
+  aargs=(--cpu-reference --L 17 --D 32 --tokens 64 --hidden 64)
+else
+  aargs=(--L 512 --D 64 --padding none half --providers mlmfast sdpa --timing events graph)
+fi
+if [ "$t_attn" -lt 20 ]; then
+  attn="not run (no time left)"
+else
+  set +e
+  { echo; echo "== bench_attention ${aargs[*]}"; } >>"$OUT/bench.log"
+  timeout -k 5 "$t_attn" "$PY" benchmarks/bench_attention.py "${aargs[@]}" --out "$OUT/attention.json" \
+    >>"$OUT/bench.log" 2>&1
+  rc=$?
+  set -e
+  case $rc in
+    0) attn="ok" ;;
+    124 | 137) attn="stopped at the time limit" ;;
+    *) attn="FAILED (exit $rc; see bench.log)" ;;
+  esac
+fi
+note "attention bench: $attn"
 
 # 5. Step profile (is the step bound by the GPU or by the host's launches?), in what time is left.
 t_prof=$(($(left) - 10))
@@ -142,9 +167,14 @@ rm -f "$OUT"/.*.tmp "$OUT"/*.tmp-*.png  # what mlmfast/_io.py's atomic writes le
 
 # 6. Summary, and the short tables last.
 echo
-echo "== gpu_check: $(($(date +%s) - START))s; install: $install; tests: $tests; benchmarks: $bench; profile: $prof"
+echo "== gpu_check: $(($(date +%s) - START))s; install: $install; tests: $tests; benchmarks: $bench; attention: $attn; profile: $prof"
 echo "== files in $OUT: $(cd "$OUT" && ls | tr '\n' ' ')"
 if [ "$prof" = ok ]; then awk '/^\| path \|/ {on = 1} on && /^$/ {exit} on' "$OUT/profile.md"; echo; fi
+if [ -f "$OUT/attention.json" ]; then
+  "$PY" -c "import json, sys; sys.path.insert(0, '.'); from benchmarks.bench_attention import _targets
+print(_targets(json.load(open(sys.argv[1]))) or '(attention: no target-shape rows)')" "$OUT/attention.json" || true
+  echo
+fi
 if [ -f "$OUT/results.json" ]; then
   "$PY" -m benchmarks.report "$OUT/results.json" --short || true
 else

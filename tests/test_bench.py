@@ -126,9 +126,12 @@ def test_gpu_check_dry_run(tmp_path):
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     files = sorted(os.listdir(out))
     assert len(files) <= 8 and all((out / f).is_file() for f in files), files
-    expected = {"results.json", "results.md", "results.png", "pytest_gpu.log", "install.log", "nvidia-smi.txt",
+    expected = {"results.json", "results.md", "results.png", "pytest_gpu.log", "install.log", "attention.json",
                 "profile.md"}
     assert expected <= set(files)
+    assert (out / "install.log").read_text().startswith("== nvidia-smi")
+    assert "attention: ok" in p.stdout and json.loads((out / "attention.json").read_text())
+    assert "== bench_attention" in (out / "bench.log").read_text()
     assert "tests collected" in (out / "pytest_gpu.log").read_text()
     assert "| mlmfast-fast |" in (out / "profile.md").read_text() and "profile: ok" in p.stdout
     tail = p.stdout.strip().splitlines()
@@ -162,6 +165,33 @@ def test_attention_sweep_compiles_candidates_in_worker_processes():
     assert set(errors) == {3}, errors
     assert "power of 2" in errors[3] or "power of two" in errors[3], errors[3]
     assert len(ba.SWEEP_CANDIDATES) == 24 and len(set(ba.SWEEP_CANDIDATES)) == 24
+
+
+def test_attention_bench_times_both_ways_and_reports_each(monkeypatch):
+    """bench_attention --timing: events = triton's do_bench, graph = do_bench_cudagraph (kernel time, without the
+    host's launch cost); every row says which, speedups compare like with like, the target table has a line per
+    target and timing (and old result files, without the field, read as events)."""
+    import triton.testing
+
+    ba = _bench("bench_attention")
+    called = []
+    monkeypatch.setattr(triton.testing, "do_bench", lambda fn, **kw: called.append("events") or [1.0, 0.9, 1.1])
+    monkeypatch.setattr(triton.testing, "do_bench_cudagraph", lambda fn, **kw: called.append("graph") or [0.5, 0.4, 0.6])
+    assert ba._bench_cuda(lambda: None, timing="graph") == (0.5, 0.4, 0.6)
+    assert ba._bench_cuda(lambda: None) == (1.0, 0.9, 1.1) and called == ["graph", "events"]
+
+    def row(provider, mode, padding, timing, ms):
+        r = dict(provider=provider, mode=mode, L=512, D=64, B=32, H=32, padding=padding, dtype="bf16", ms=ms,
+                 p20_ms=ms, p80_ms=ms, tflops=1.0 / ms)
+        return r if timing is None else dict(r, timing=timing)
+
+    rows = [row("mlmfast", "fwd+bwd", "half", None, 0.8), row("sdpa", "fwd+bwd", "half", None, 1.0),
+            row("mlmfast", "fwd+bwd", "half", "graph", 0.25), row("sdpa", "fwd+bwd", "half", "graph", 1.0)]
+    t = ba._targets(rows)
+    assert "| half padded: speedup vs SDPA with mask (fwd+bwd) | events | 3x | 1.25x | NO |" in t
+    assert "| half padded: speedup vs SDPA with mask (fwd+bwd) | graph | 3x | 4.00x | yes |" in t
+    md = ba._markdown(rows)
+    assert "| mlmfast | fwd+bwd | graph | 512 |" in md and md.count("4.00x") == 1 and md.count("1.25x") == 1
 
 
 def test_priming_runs_every_eager_path():
