@@ -63,8 +63,8 @@ class MLMCollator:
                 raise UserError(f"MLMCollator: {name}={p!r} must be a probability in [0, 1]")
         if mask_replace_prob + random_replace_prob > 1.0 + 1e-12:
             raise UserError("MLMCollator: mask_replace_prob + random_replace_prob must not exceed 1")
-        if mlm and not 0.0 < mlm_probability < 1.0:
-            raise UserError(f"MLMCollator: mlm_probability={mlm_probability} must be strictly between 0 and 1")
+        if mlm and not 0.0 < mlm_probability <= 1.0:
+            raise UserError(f"MLMCollator: mlm_probability={mlm_probability} must be in (0, 1] (1.0: every token)")
         if pad_to_multiple_of is not None and (not _is_int(pad_to_multiple_of) or pad_to_multiple_of < 1):
             raise UserError(f"MLMCollator: pad_to_multiple_of={pad_to_multiple_of!r} must be a positive int or None")
         if seed is not None and not _is_int(seed):

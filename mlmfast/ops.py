@@ -315,11 +315,12 @@ def _(input_ids, attention_mask, lengths, special_tokens_mask, word_ids, special
 
 # ---- mask_select: the public function -----------------------------------------------------------------------
 def _prob(name: str, value, lo_open: bool) -> float:
+    """A probability in [0, 1]; lo_open: in (0, 1] (mlm_probability: 1.0 = every eligible token, as HF allows)."""
     if not isinstance(value, numbers.Real) or isinstance(value, bool) or math.isnan(float(value)):
         raise UserError(f"{name}={value!r} is not a number; pass a float probability")
     value = float(value)
-    if lo_open and not (0.0 < value < 1.0):
-        raise UserError(f"{name}={value} must be strictly between 0 and 1 (e.g. 0.15)")
+    if lo_open and not (0.0 < value <= 1.0):
+        raise UserError(f"{name}={value} must be in (0, 1] (e.g. 0.15)")
     if not lo_open and not (0.0 <= value <= 1.0):
         raise UserError(f"{name}={value} must be a probability in [0, 1]")
     return value

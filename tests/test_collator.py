@@ -115,6 +115,18 @@ def test_probabilities_and_no_mlm(tokenizer):
     assert torch.equal(clm["labels"], hf["labels"]) and torch.equal(clm["input_ids"], hf["input_ids"])
 
 
+def test_probability_one_labels_what_hf_labels(tokenizer):
+    """mlm_probability = 1.0: every non-special, non-padding token is a target, exactly HF's label set (at p = 1
+    the selection is not random); the replacement split stays BERT's."""
+    feats = features(tokenizer, n=24, seed=7)
+    ours = MLMCollator(tokenizer, mlm_probability=1.0, seed=3)(feats)
+    hf = transformers.DataCollatorForLanguageModeling(tokenizer, mlm_probability=1.0)(feats)
+    assert torch.equal(ours["labels"], hf["labels"])
+    sel = ours["labels"] != -100
+    masked = (ours["input_ids"][sel] == tokenizer.mask_token_id).float().mean().item()
+    assert 0.7 < masked < 0.9, masked
+
+
 def test_mlmfast_tokenizer_and_dataloader(tokenizer):
     from mlmfast.tokenizer import MLMTokenizer
 

@@ -254,6 +254,21 @@ def test_twins_awkward_shapes(B, L, mode):
 
 
 @needs_ext
+@pytest.mark.parametrize("mode", ["bernoulli", "exact"])
+def test_probability_one_selects_every_eligible_token(mode):
+    """mlm_probability = 1.0 (HF's collator accepts it): every eligible token selected, by both twins alike
+    (the kernels' take-all case), whole words too; corruption still 80/10/10."""
+    ids, attn = mlm_batch(3, 129, seed=11)
+    for wid in (None, torch.arange(129).expand(3, 129) // 4):
+        args = _op_args(ids, attn, wid=wid, p=1.0, exact=mode == "exact", P=129, seed=5)
+        a = _run_cpp(*args)
+        _assert_same(a, _run_torch(*args), mode)
+        elig = _eligible(ids, attn)
+        assert torch.equal(a.labels != IGNORE_INDEX, elig) and torch.equal(a.labels[elig], ids.long()[elig])
+        assert (a.num_dropped == 0).all()
+
+
+@needs_ext
 def test_twins_many_special_ids_and_zeromlm_batch():
     ids, attn = mlm_batch(4, 40, seed=3)
     specials = SPECIAL + list(range(10, 80))  # > 64: the op runs the PyTorch twin, same semantics
