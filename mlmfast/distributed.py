@@ -126,9 +126,13 @@ def shutdown_distributed(env: DistEnv) -> None:
         torch.distributed.destroy_process_group()
 
 
-def wrap_model(model: torch.nn.Module, env: DistEnv, strategy: str, device: torch.device) -> torch.nn.Module:
+def wrap_model(model: torch.nn.Module, env: DistEnv, strategy: str, device: torch.device,
+               param_dtype: Optional[torch.dtype] = None) -> torch.nn.Module:
     """DDP (replicated weights, gradients all-reduced) or FSDP2 (`fully_shard` on every encoder layer and the
-    root: weights, gradients and optimizer state sharded). A single process gets the model back unchanged."""
+    root: weights, gradients and optimizer state sharded). A single process gets the model back unchanged.
+    param_dtype (FSDP2, the run's bf16 autocast dtype): FSDP2's MixedPrecisionPolicy gathers the weights in that
+    dtype (half the all-gather traffic and the gathered copies' memory) and reduces gradients in fp32; the
+    sharded master weights and the optimizer stay fp32. None: weights gathered as stored (fp32)."""
     if strategy not in STRATEGIES:
         raise UserError(f"distributed strategy {strategy!r} is not known; use {' or '.join(STRATEGIES)}")
     if not env.enabled:
@@ -138,14 +142,17 @@ def wrap_model(model: torch.nn.Module, env: DistEnv, strategy: str, device: torc
 
         return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     # The mesh on the run's device: without one, fully_shard takes the host's accelerator (CUDA on a GPU machine
     # even for a --device cpu / gloo run) and moves every parameter there.
     mesh = init_device_mesh(device.type, (env.world_size,))
+    kw: dict = dict(mesh=mesh)
+    if param_dtype is not None:
+        kw["mp_policy"] = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
     for layer in model.bert["encoder"]["layer"]:
-        fully_shard(layer, mesh=mesh)
-    fully_shard(model, mesh=mesh)  # the root unit: embeddings and the head (whose decoder is tied to the embeddings)
+        fully_shard(layer, **kw)
+    fully_shard(model, **kw)  # the root unit: embeddings and the head (whose decoder is tied to the embeddings)
     return model
 
 

@@ -728,7 +728,10 @@ def _train(cfg: TrainConfig, resume, log: Callable[[str], None], stop_after: Opt
         raise UserError(f"only {len(train_ds)} training rows for --batch-size {B}"
                         f"{f' x {W} processes' if W > 1 else ''}: use a smaller --batch-size or more data")
 
-    model = wrap_model(build_model(cfg, tokenizer).to(device), env, cfg.strategy, device)
+    # FSDP2 + bf16: gather the weights in bf16 (MixedPrecisionPolicy), gradients reduced in fp32. fp16 keeps fp32
+    # gathers: its GradScaler unscales fp32 gradients.
+    fsdp_param_dtype = amp_dtype if cfg.strategy == "fsdp" and amp_dtype == torch.bfloat16 else None
+    model = wrap_model(build_model(cfg, tokenizer).to(device), env, cfg.strategy, device, fsdp_param_dtype)
     core = unwrap(model)  # the BertForMLM (the same module under FSDP2)
     model.train()
     optimizer = make_optimizer(model, cfg, device)
@@ -770,7 +773,8 @@ def _train(cfg: TrainConfig, resume, log: Callable[[str], None], stop_after: Opt
     n_params = sum(p.numel() for p in {id(p): p for p in core.parameters()}.values())  # DTensors: global sizes
     log(f"model: {cfg.model} (~{n_params / 1e6:.1f}M parameters) on {device}"
         f"{'' if amp_dtype is None else ' with ' + str(amp_dtype).replace('torch.', '') + ' autocast'}"
-        f"{f', {W} processes ({cfg.strategy}, {env.backend})' if W > 1 else ''}; "
+        f"{f', {W} processes ({cfg.strategy}, {env.backend})' if W > 1 else ''}"
+        f"{', FSDP2 gathers bf16 weights, reduces fp32 gradients' if W > 1 and fsdp_param_dtype is not None else ''}; "
         f"{cfg.max_steps} steps of {per_step} x {cfg.seq_len} tokens")
 
     # A resume keeps the log up to its checkpoint's step; a run (re)started at step 0 begins a new log.

@@ -107,10 +107,26 @@ def test_torchrun_two_processes_equal_one_process(shared, corpus_file, single, a
                            "--strategy", strategy))
     assert f"2 processes ({strategy}, gloo)" in p.stdout
     assert p.stdout.count("done: 6 steps") == 1  # only rank 0 reports
+    assert "view tensor" not in p.stderr  # FSDP2 warns when a sharded module returns a view (the last layer did)
     # validation batches have --batch-size rows: comparable with the 1-process run of batch 4
     _assert_same_training(out, single, val_ref=accum if batch == 4 else None)
     state = torch.load(out / "checkpoints" / "step-000006" / "trainer_state.pt", weights_only=False)
     assert state["world_size"] == 2 and state["strategy"] == strategy and len(state["rng_per_rank"]) == 2
+
+
+def test_fsdp_bf16_gathers_bf16_weights_and_trains_as_one_process(shared, corpus_file):
+    """FSDP2 under --precision bf16 gathers the weights in bf16 (MixedPrecisionPolicy; gradients reduced in fp32,
+    fp32 master weights and optimizer): it says so, and trains as one bf16 process does, within bf16 rounding."""
+    one = shared / "bf16-single"
+    _run([sys.executable, "-m", "mlmfast", *_args(shared, corpus_file, one, "--batch-size", "8", "--precision", "bf16")])
+    two = shared / "bf16-fsdp"
+    p = _torchrun(2, _args(shared, corpus_file, two, "--batch-size", "4", "--strategy", "fsdp", "--precision", "bf16"))
+    assert "FSDP2 gathers bf16 weights, reduces fp32 gradients" in p.stdout
+    losses, ref = _metrics(two)[0], _metrics(one)[0]
+    assert len(losses) == len(ref) == 6 and losses[0] != losses[-1]
+    torch.testing.assert_close(torch.tensor(losses), torch.tensor(ref), rtol=3e-2, atol=0)
+    w = _weights(two)
+    assert all(t.dtype == torch.float32 for t in w.values())  # the saved (master) weights stay fp32
 
 
 def test_torchrun_ddp_with_compile_equals_one_process(shared, corpus_file, single, monkeypatch):
