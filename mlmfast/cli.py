@@ -492,7 +492,8 @@ def main(argv: list[str] | None = None) -> int:
         from .trainer import TrainingStopped
 
         if isinstance(exc, TrainingStopped):
-            print(str(exc), file=sys.stderr)
+            if os.environ.get("RANK", "0") == "0":  # under torchrun every rank stops: rank 0 says so
+                print(str(exc), file=sys.stderr)
         elif args.command == "train":
             print(f"interrupted; `mlmfast train --resume auto --out {args.out}` continues from the last checkpoint "
                   "(if one was written)", file=sys.stderr)

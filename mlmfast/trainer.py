@@ -593,29 +593,51 @@ class TrainingStopped(KeyboardInterrupt):
 
 
 class _StopRequest:
-    """SIGINT / SIGTERM during a single-process run: the first asks the loop to stop after the current step (with a
-    checkpoint), a second stops at once (KeyboardInterrupt). Several processes (torchrun) keep the default
-    handlers: agreeing on a stop step would need a collective, i.e. a host sync, every step."""
+    """SIGINT / SIGTERM during training: the first asks the loop to stop at a step boundary with a checkpoint, a
+    second stops at once (KeyboardInterrupt).
 
-    def __init__(self, enabled: bool, say: Callable[[str], None]):
+    One process: it stops after the current step. Several (torchrun): every rank gets the signal (Ctrl-C reaches
+    the whole process group, and torchrun forwards the SIGINT / SIGTERM it gets to its workers), maybe during
+    different steps, so the ranks agree at the next check point, a step every rank visits (every step on the CPU,
+    every --log-every steps on CUDA, where the loop syncs anyway): an all-reduce (max) of the flag. There, a repeat
+    within REPEAT_WINDOW_S of the first signal is the same request (Ctrl-C under torchrun arrives twice: the
+    terminal's SIGINT, then torchrun's forward). torchrun kills its workers 30 s after forwarding a SIGTERM."""
+
+    REPEAT_WINDOW_S = 2.0
+
+    def __init__(self, world_size: int, say: Callable[[str], None]):
         import signal
         import threading
 
         self.requested = False
+        self._multi = world_size > 1
+        self._first = 0.0
         self._say = say
         self._pid = os.getpid()  # DataLoader workers fork with this handler: they leave the stop to the trainer
         self._old = {}
-        if enabled and threading.current_thread() is threading.main_thread():
+        if threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGINT, signal.SIGTERM):
                 self._old[sig] = signal.signal(sig, self._handle)
 
     def _handle(self, signum, frame) -> None:
         if os.getpid() != self._pid:
             return
+        now = time.monotonic()
         if self.requested:
+            if self._multi and now - self._first < self.REPEAT_WINDOW_S:
+                return
             raise KeyboardInterrupt
-        self.requested = True
-        self._say("stopping after this step (a checkpoint is written); press Ctrl-C again to stop at once")
+        self.requested, self._first = True, now
+        where = "at the next step all processes check (within --log-every steps on a GPU)" if self._multi else \
+            "after this step"
+        self._say(f"stopping {where}; a checkpoint is written; press Ctrl-C again to stop at once")
+
+    def agreed(self, env, device: torch.device) -> bool:
+        """Stop now? Several processes: call it at the same steps on every rank (a collective and a host sync)."""
+        if not self._multi:
+            return self.requested
+        flag = torch.full((1,), int(self.requested), dtype=torch.int32, device=device)
+        return bool(env.all_reduce_max_(flag).item())
 
     def restore(self) -> None:
         import signal
@@ -868,7 +890,7 @@ def _train(cfg: TrainConfig, resume, log: Callable[[str], None], stop_after: Opt
                 f"by them; the last good checkpoint is {last_ckpt or '(none yet)'}. Lower --lr, raise "
                 "--warmup-steps, use --precision bf16 or fp32, or check the data; then resume with --resume auto")
 
-    stop = _StopRequest(W == 1, say)
+    stop = _StopRequest(W, say)
     try:
         while step < end_step:
             # 1. Fetch and mask every micro-batch of the step (cheap), so the loss can be normalised by the
@@ -899,8 +921,11 @@ def _train(cfg: TrainConfig, resume, log: Callable[[str], None], stop_after: Opt
             bad_count.add_(bad_i)
             pending.append(loss_acc)  # stays on the device until the next log line: no per-step sync
             bar.update(1)
-            if step % check_every == 0 or step == end_step or step % cfg.save_every == 0:
+            at_check = step % check_every == 0 or step == end_step or step % cfg.save_every == 0  # same on every rank
+            if at_check:
                 check_bad_steps()
+            # one process: stop after any step; several: at a check point, when any rank was asked to
+            stop_now = stop.agreed(env, device) if (at_check or W == 1) else False
             if step % cfg.log_every == 0 or step == end_step:
                 window = env.all_reduce_sum_(torch.stack(pending)) / W
                 window = window.tolist()
@@ -922,9 +947,9 @@ def _train(cfg: TrainConfig, resume, log: Callable[[str], None], stop_after: Opt
                 if last_val:
                     say(f"step {step}: val loss {last_val['val_loss']:.3f}, "
                               f"ppl {last_val['val_ppl']:.1f}, accuracy {100 * last_val['val_acc']:.1f}%")
-            if step % cfg.save_every == 0 or step == end_step or stop.requested:
+            if step % cfg.save_every == 0 or step == end_step or stop_now:
                 last_ckpt = save(step)
-            if stop.requested and step < end_step:
+            if stop_now and step < end_step:
                 raise TrainingStopped(f"stopped at step {step} of {cfg.max_steps} with a checkpoint ({last_ckpt}); "
                                       f"`mlmfast train --resume auto --out {run_dir}` continues from there")
     except torch.OutOfMemoryError as exc:

@@ -164,6 +164,41 @@ def test_two_process_run_resumes_exactly(shared, corpus_file, strategy):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.parametrize("how", ["sigterm-to-torchrun", "ctrl-c-to-the-group"])
+def test_torchrun_stops_gracefully_with_a_checkpoint(shared, corpus_file, tmp_path, how):
+    """A signal during a 2-process run: the ranks agree on a step, write one checkpoint there and stop; --resume
+    auto continues from it. SIGTERM to torchrun (it forwards it to the workers, then waits 30 s); Ctrl-C = SIGINT
+    to the whole process group (each worker gets it twice: the terminal's and torchrun's forward: one request)."""
+    import signal
+    import time
+
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "mlmfast",
+           *_args(shared, corpus_file, out, "--batch-size", "4", "--max-steps", "100000", "--save-every", "100000",
+                  "--eval-every", "100000")]
+    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            start_new_session=True)  # its own process group, as a terminal's foreground job
+    metrics = out / "metrics.jsonl"
+    deadline = time.time() + TIMEOUT
+    while time.time() < deadline and not (metrics.exists() and metrics.read_text().count('"train"') >= 3):
+        time.sleep(0.1)
+    if how == "sigterm-to-torchrun":
+        proc.send_signal(signal.SIGTERM)
+    else:
+        os.killpg(proc.pid, signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=TIMEOUT)
+    assert stderr.count("stopped at step") == 1, stderr[-3000:]  # rank 0 says it, once
+    ckpts = sorted((out / "checkpoints").glob("step-*"))
+    assert len(ckpts) == 1, stderr[-3000:]
+    step = int(ckpts[0].name[5:])
+    assert step >= 3 and f"stopped at step {step} " in stderr
+    state = torch.load(ckpts[0] / "trainer_state.pt", weights_only=False)
+    assert state["step"] == step and state["world_size"] == 2 and len(state["rng_per_rank"]) == 2
+    p = _torchrun(2, ["train", "--resume", "auto", "--out", str(out), "--max-steps", str(step + 2), "--no-progress"])
+    assert f"resumed from" in p.stdout + p.stderr and f"done: {step + 2} steps" in p.stdout
+
+
 def test_resume_with_another_process_count_is_refused(shared, corpus_file):
     from mlmfast.errors import UserError
     from mlmfast.trainer import TrainConfig, train
