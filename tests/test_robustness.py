@@ -36,8 +36,8 @@ def _poison(monkeypatch, bad_calls):
     real = trainer.train_forward
     calls = {"n": 0}
 
-    def forward(model, path, masked, attention_mask):
-        out = real(model, path, masked, attention_mask)
+    def forward(model, path, masked, attention_mask, num_tokens=None):
+        out = real(model, path, masked, attention_mask, num_tokens)
         i = calls["n"]
         calls["n"] += 1
         if i in bad_calls or ("all_from" in bad_calls and i >= bad_calls["all_from"]):
