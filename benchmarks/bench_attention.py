@@ -14,6 +14,8 @@ Providers: mlmfast (the Triton kernel), sdpa (torch SDPA: flash backend without 
 boolean mask and whatever backend SDPA picks), eager (matmul + softmax + matmul, the reference), flash-attn
 (flash_attn_func; varlen on the unpadded tokens with padding) when importable.
 `--padding half`: every row keeps L/2 keys (seqlens = L/2); padded query rows count no FLOPs.
+`--dropout P [P ...]`: attention dropout (BERT trains with 0.1) for every provider (default 0 only); the
+targets are read at 0.
 
 Needs a CUDA GPU for kernel timings; on CPU it says so (and, with --cpu-reference, times only the reference
 and SDPA at small L). The Markdown table is printed last; --out writes JSON rows with the device name,
@@ -84,15 +86,16 @@ def _bench_cpu(fn: Callable[[], object], reps: int = 5) -> tuple[float, float, f
     return tuple(float(x) for x in (t.quantile(0.5), t.quantile(0.2), t.quantile(0.8)))
 
 
-def _providers(padded: bool, device: str) -> dict[str, Callable]:
-    """name -> f(q, k, v, lens_tensor, keep_mask) returning out [B, H, L, D]."""
+def _providers(padded: bool, device: str, dropout_p: float = 0.0) -> dict[str, Callable]:
+    """name -> f(q, k, v, lens_tensor, keep_mask) returning out [B, H, L, D]; dropout_p for every provider."""
     import torch.nn.functional as F
 
     from mlmfast.attention import attention, attention_reference
 
     provs: dict[str, Callable] = {}
     if device == "cuda":
-        provs["mlmfast"] = lambda q, k, v, lens, keep: attention(q, k, v, seqlens=lens if padded else None)
+        provs["mlmfast"] = lambda q, k, v, lens, keep: attention(q, k, v, seqlens=lens if padded else None,
+                                                                 dropout_p=dropout_p)
 
     def sdpa(q, k, v, lens, keep):
         if not padded:
@@ -100,12 +103,13 @@ def _providers(padded: bool, device: str) -> dict[str, Callable]:
                 from torch.nn.attention import SDPBackend, sdpa_kernel
 
                 with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
-                    return F.scaled_dot_product_attention(q, k, v)
-            return F.scaled_dot_product_attention(q, k, v)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=keep[:, None, None, :])
+                    return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)
+            return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=keep[:, None, None, :], dropout_p=dropout_p)
 
     provs["sdpa"] = sdpa
-    provs["eager"] = lambda q, k, v, lens, keep: attention_reference(q, k, v, seqlens=lens if padded else None)
+    provs["eager"] = lambda q, k, v, lens, keep: attention_reference(q, k, v, seqlens=lens if padded else None,
+                                                                     dropout_p=dropout_p)
     if device == "cuda":
         try:
             from flash_attn import flash_attn_func, flash_attn_varlen_func
@@ -115,14 +119,14 @@ def _providers(padded: bool, device: str) -> dict[str, Callable]:
             def fa(q, k, v, lens, keep):
                 qt, kt, vt = (x.transpose(1, 2) for x in (q, k, v))  # (B, L, H, D)
                 if not padded:
-                    return flash_attn_func(qt, kt, vt).transpose(1, 2)
+                    return flash_attn_func(qt, kt, vt, dropout_p=dropout_p).transpose(1, 2)
                 B, L, H, D = qt.shape
                 if id(keep) not in cache:  # index set-up (a host sync) outside the timed region
                     cache[id(keep)] = (keep.flatten().nonzero().flatten(),
                                        torch.nn.functional.pad(lens.cumsum(0, dtype=torch.int32), (1, 0)))
                 idx, cu = cache[id(keep)]
                 sel = [x.reshape(B * L, H, D)[idx] for x in (qt, kt, vt)]
-                o = flash_attn_varlen_func(*sel, cu, cu, L, L)
+                o = flash_attn_varlen_func(*sel, cu, cu, L, L, dropout_p=dropout_p)
                 out = torch.zeros(B * L, H, D, device=q.device, dtype=q.dtype)
                 out[idx] = o
                 return out.view(B, L, H, D).transpose(1, 2)
@@ -143,7 +147,7 @@ def run(args) -> list[dict]:
         H = max(1, args.hidden // D)
         for L in args.L:
             B = max(1, args.tokens // L)
-            for padding in args.padding:
+            for padding, dropout_p in [(pd, p) for pd in args.padding for p in args.dropout]:
                 padded = padding == "half"
                 lens_list = [max(1, L // 2)] * B if padded else [L] * B
                 lens = torch.tensor(lens_list, device=device)
@@ -151,7 +155,7 @@ def run(args) -> list[dict]:
                 q, k, v = (torch.randn(B, H, L, D, device=device, dtype=dtype, requires_grad=True) for _ in range(3))
                 do = torch.randn(B, H, L, D, device=device, dtype=dtype)
                 flops = _flops_fwd(H, D, lens_list)
-                for name, f in _providers(padded, device).items():
+                for name, f in _providers(padded, device, dropout_p).items():
                     if args.providers and name not in args.providers:
                         continue
                     if name == "eager" and B * H * L * L * 4 > args.eager_max_bytes:
@@ -172,15 +176,18 @@ def run(args) -> list[dict]:
                             else:
                                 med, p20, p80 = _bench_cpu(fn)
                         except Exception as exc:  # e.g. out of memory, a backend that refuses the shape or capture
-                            print(f"skip {name} {mode} {timing} L={L} D={D} {padding}: {type(exc).__name__}: "
+                            print(f"skip {name} {mode} {timing} L={L} D={D} {padding} p={dropout_p}: "
+                                  f"{type(exc).__name__}: "
                                   f"{(str(exc).splitlines() or [''])[0][:120]}", file=sys.stderr)
                             torch.cuda.empty_cache() if device == "cuda" else None
                             continue
                         row = dict(provider=name, mode=mode, L=L, D=D, B=B, H=H, padding=padding,
-                                   dtype=args.dtype, timing=timing, ms=med, p20_ms=p20, p80_ms=p80,
+                                   dtype=args.dtype, timing=timing, dropout=dropout_p, ms=med, p20_ms=p20,
+                                   p80_ms=p80,
                                    tflops=mult * flops / (med * 1e-3) / 1e12, **env)
                         rows.append(row)
                         print(f"{name:10s} {mode:7s} {timing:6s} L={L:5d} D={D:3d} B={B:3d} H={H:2d} {padding:4s} "
+                              f"p={dropout_p:<4g} "
                               f"{med:8.3f} ms [{p20:.3f}, {p80:.3f}]  {row['tflops']:7.1f} TFLOP/s", flush=True)
     return rows
 
@@ -189,16 +196,24 @@ def _timing(r: dict) -> str:
     return r.get("timing", "events")  # result files before the graph timing: events
 
 
+def _p(r: dict) -> float:
+    return float(r.get("dropout", 0.0))  # result files before --dropout: 0
+
+
 def _markdown(rows: list[dict]) -> str:
-    out = ["| provider | mode | timing | L | D | B | H | padding | median ms | p20 ms | p80 ms | TFLOP/s | vs sdpa |",
-           "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
-    sdpa = {(r["mode"], _timing(r), r["L"], r["D"], r["padding"]): r["ms"] for r in rows if r["provider"] == "sdpa"}
+    out = ["| provider | mode | timing | L | D | B | H | padding | dropout | median ms | p20 ms | p80 ms | TFLOP/s | "
+           "vs sdpa |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+
+    def key(r):
+        return r["mode"], _timing(r), r["L"], r["D"], r["padding"], _p(r)
+
+    sdpa = {key(r): r["ms"] for r in rows if r["provider"] == "sdpa"}
     for r in rows:
-        base = sdpa.get((r["mode"], _timing(r), r["L"], r["D"], r["padding"]))
+        base = sdpa.get(key(r))
         speed = f"{base / r['ms']:.2f}x" if base else "-"
         out.append(f"| {r['provider']} | {r['mode']} | {_timing(r)} | {r['L']} | {r['D']} | {r['B']} | {r['H']} | "
-                   f"{r['padding']} | {r['ms']:.3f} | {r['p20_ms']:.3f} | {r['p80_ms']:.3f} | {r['tflops']:.1f} | "
-                   f"{speed} |")
+                   f"{r['padding']} | {_p(r):g} | {r['ms']:.3f} | {r['p20_ms']:.3f} | {r['p80_ms']:.3f} | "
+                   f"{r['tflops']:.1f} | {speed} |")
     return "\n".join(out)
 
 
@@ -206,8 +221,8 @@ def _targets(rows: list[dict]) -> str:
     """The issue's targets (bf16, D=64, L=512), one line per target and timing measured."""
     def get(provider, mode, padding, timing):
         for r in rows:
-            if (r["provider"], r["mode"], r["L"], r["D"], r["padding"], r["dtype"], _timing(r)) == \
-                    (provider, mode, 512, 64, padding, "bf16", timing):
+            if (r["provider"], r["mode"], r["L"], r["D"], r["padding"], r["dtype"], _timing(r), _p(r)) == \
+                    (provider, mode, 512, 64, padding, "bf16", timing, 0.0):
                 return r
         return None
 
@@ -344,6 +359,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--hidden", type=int, default=2048, help="H = hidden // D (default 2048)")
     ap.add_argument("--padding", nargs="+", default=["none", "half"], choices=["none", "half"])
     ap.add_argument("--modes", nargs="+", default=["fwd", "fwd+bwd"], choices=["fwd", "fwd+bwd"])
+    ap.add_argument("--dropout", type=float, nargs="+", default=[0.0], help="attention dropout p (default 0)")
     ap.add_argument("--timing", nargs="+", default=list(TIMINGS), choices=TIMINGS,
                     help="GPU: events (launched from Python), graph (CUDA-graph replay: kernel time); default both")
     ap.add_argument("--providers", nargs="*", default=None, help="subset of mlmfast sdpa eager flash-attn")
