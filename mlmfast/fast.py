@@ -170,6 +170,10 @@ def _global_module_hooks() -> bool:
                                                     "_global_backward_hooks", "_global_backward_pre_hooks"))
 
 
+def _identity(t: torch.Tensor) -> torch.Tensor:
+    return t
+
+
 def project(x: torch.Tensor, *linears: nn.Module,
             post: Optional[Callable[[torch.Tensor], torch.Tensor]] = None) -> tuple[torch.Tensor, ...]:
     """(lin(x) for lin in linears), as ONE matmul with the weights (and biases) concatenated when they are plain
@@ -179,7 +183,8 @@ def project(x: torch.Tensor, *linears: nn.Module,
     the modules' own: state dicts, optimizers, FSDP2 and HF checkpoints see no change.
     post (a row-wise map, e.g. `Unpadded.unpack`): applied to the fused output before it is split (once), else to
     each module's output."""
-    post = post or (lambda t: t)
+    if post is None:  # (not `post or ...`: torch 2.11's dynamo cannot take the truth value of a bound method)
+        post = _identity
     if len(linears) < 2 or not all(_plain_linear(m) for m in linears) or _global_module_hooks() or \
             len({m.in_features for m in linears}) != 1 or len({m.bias is None for m in linears}) != 1:
         return tuple(post(m(x)) for m in linears)
