@@ -182,6 +182,24 @@ def test_compile_trains_the_same_steps(corpus_file, tmp_path, monkeypatch):
     assert keys == load_file(str(tmp_path / "eager" / "model" / "model.safetensors")).keys()
 
 
+def test_eager_gpu_run_suggests_compile():
+    """Without --compile, a fast-path run on a GPU says that --compile is faster there (its eager step waits on
+    kernel launches); a CPU run and a reference-path run do not."""
+    from types import SimpleNamespace
+
+    from mlmfast.trainer import compile_for_training
+
+    class OnCuda(torch.nn.Module):  # stands in for a model on a GPU (no GPU here)
+        def parameters(self, recurse=True):
+            yield SimpleNamespace(device=torch.device("cuda"))
+
+    for model, cfg, tip in ((OnCuda(), TrainConfig(), True), (OnCuda(), TrainConfig(path="reference"), False),
+                            (torch.nn.Linear(2, 2), TrainConfig(), False)):
+        logs = []
+        assert compile_for_training(model, cfg, logs.append) is model
+        assert any(m.startswith("tip: --compile") for m in logs) == tip, (cfg.path, logs)
+
+
 def test_compile_with_fsdp_is_refused(monkeypatch):
     import mlmfast.distributed as dist
     from mlmfast.trainer import compile_for_training
