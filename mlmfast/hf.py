@@ -15,6 +15,9 @@ and returns `MaskedLMOutput(loss=..., logits=None)`; logits only with `return_lo
 the labelled rows ((N, V), row-major: HF's logits[labels != -100]). Without labels (inference, pipelines), and
 in eval mode (`model.eval()`: HF Trainer's evaluate / predict / compute_metrics want the full logits) it calls
 HF's own forward, full logits and all; `positions=` or `return_logits=True` keep the fast path in eval mode.
+Padding: on the CPU the encoder's dense ops skip padded positions by themselves; on a GPU and under
+torch.compile they do when the call passes `num_tokens=` (the number of attention_mask positions that are not
+0, counted on the host copy of the batch, e.g. `int(batch["attention_mask"].sum())` before `.to("cuda")`).
 What does not change: the weights are the model's own Parameters (no copy), so optimizers, save_pretrained,
 from_pretrained, state_dict and tied embeddings behave as before. Dropout modules are HF's.
 
@@ -158,8 +161,10 @@ def _fast_forward(self, input_ids: Optional[torch.Tensor] = None, attention_mask
                   inputs_embeds: Optional[torch.Tensor] = None, encoder_hidden_states: Optional[torch.Tensor] = None,
                   encoder_attention_mask: Optional[torch.Tensor] = None, labels: Optional[torch.Tensor] = None, *,
                   positions: Optional[torch.Tensor] = None, position_labels: Optional[torch.Tensor] = None,
-                  return_logits: bool = False, **kwargs: Any):
-    """HF's MLM forward signature, plus positions / position_labels (B, P) and return_logits (see the module)."""
+                  return_logits: bool = False, num_tokens: Optional[int] = None, **kwargs: Any):
+    """HF's MLM forward signature, plus positions / position_labels (B, P), return_logits and num_tokens (the
+    number of attention_mask positions that are not 0, counted on the host copy of the batch: with it a padded
+    batch runs the encoder's dense ops on its real tokens on a GPU and under torch.compile too; see the module)."""
     from transformers.modeling_outputs import MaskedLMOutput
 
     if positions is None and not return_logits and (labels is None or not self.training):
@@ -200,7 +205,8 @@ def _fast_forward(self, input_ids: Optional[torch.Tensor] = None, attention_mask
     keep = None if attention_mask is None else attention_mask.to(input_ids.device) != 0  # (B, L) bool
     x = base.embeddings(input_ids=input_ids, token_type_ids=token_type_ids, position_ids=position_ids)  # (B, L, H)
     *layers, last = base.encoder.layer
-    plan = fast.unpad_plan(keep, backend) if layers else None  # CPU, padded enough: dense ops on real tokens
+    fast.check_num_tokens(num_tokens, *input_ids.shape)
+    plan = fast.unpad_plan(keep, backend, num_tokens) if layers else None  # padded enough: dense ops on real tokens
     if plan is not None:
         x = plan.pack(x)  # (T, H)
     for layer in layers:

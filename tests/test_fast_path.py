@@ -587,13 +587,17 @@ def test_unpadding_only_when_it_pays_and_costs_no_sync():
         fast.unpad_plan(keep, "auto", num_tokens=20)  # on the CPU a wrong count is caught exactly
 
 
-def test_compiled_step_unpads_with_the_host_count():
+@pytest.mark.parametrize("which", ["bertformlm", "hf-bert"])
+def test_compiled_step_unpads_with_the_host_count(which):
     """Under torch.compile the plan comes from num_tokens only (counting the mask would be a data-dependent shape):
     the traced graph holds the sync-free index (a sort), the loss and every gradient equal eager's, and the count
     is a dynamic size: five batches with five counts build two graphs, not five. Without the count the compiled
-    step runs the padded layout (no sort in its graph), as before."""
+    step runs the padded layout (no sort in its graph), as before. BertForMLM and an accelerated HF model."""
     torch.manual_seed(4)
-    model = BertForMLM(tiny_config(num_hidden_layers=3)).set_path("fast")
+    if which == "bertformlm":
+        model = BertForMLM(tiny_config(num_hidden_layers=3)).set_path("fast")
+    else:
+        model = mlmfast.accelerate(hf_model("bert", num_hidden_layers=3))
     graphs = []
 
     def backend(gm, example_inputs):  # dynamo's graph, kept for inspection and run as it is (autograd as usual)
