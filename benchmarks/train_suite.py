@@ -157,7 +157,11 @@ def make_step(path: str, fn: Callable, opt, batches, device: torch.device) -> Ca
         # mlmfast-fast-unpad(-compile): the real-token count as the host knows it, so that the layers' dense ops
         # run on the real tokens only on a GPU and compiled too (fast.unpad_plan); the other fast paths run the
         # padded layout there.
-        return dict(num_tokens=batches.tokens[j]) if path.startswith("mlmfast-fast-unpad") else {}
+        # As the trainer, only for a batch that unpads (a full batch, passed nothing, does not rebuild a graph).
+        from mlmfast.fast import unpads
+
+        give = path.startswith("mlmfast-fast-unpad") and unpads(batches.tokens[j], batches.B, batches.L)
+        return dict(num_tokens=batches.tokens[j]) if give else {}
 
     def step(i: int) -> torch.Tensor:
         j = i % n

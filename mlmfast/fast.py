@@ -141,9 +141,16 @@ def unpad_plan(keep: Optional[torch.Tensor], backend: str, num_tokens: Optional[
         if count > UNPAD_MAX_FILL * flat.numel():
             return None
         return Unpadded(flat.nonzero().squeeze(1), B, L)
-    if num_tokens is None or num_tokens > UNPAD_MAX_FILL * flat.numel():
+    if num_tokens is None or not unpads(num_tokens, B, L):
         return None
     return Unpadded(real_token_index(flat, num_tokens), B, L)
+
+
+def unpads(num_tokens: int, batch: int, seq_len: int) -> bool:
+    """Whether a batch with num_tokens real positions out of batch * seq_len gets an unpad plan. Callers that
+    compile pass num_tokens only then: a value that changes guards a compiled graph, and full (packed) batches,
+    passed nothing, never rebuild it."""
+    return num_tokens <= UNPAD_MAX_FILL * batch * seq_len
 
 
 def check_num_tokens(num_tokens, batch: int, seq_len: int) -> None:
@@ -387,4 +394,5 @@ def mlm_head_loss(sel: SelectedRows, transform: Callable[[torch.Tensor], torch.T
 
 __all__ = ["BACKENDS", "SelectedRows", "check_backend", "check_targets", "compact_rows", "dense_labels",
            "encoder_layer", "mlm_head_loss", "padding_bias", "select_rows", "self_attention", "target_positions",
-           "use_attention_kernel", "Unpadded", "unpad_plan", "UNPAD_MAX_FILL", "project", "real_token_index"]
+           "use_attention_kernel", "Unpadded", "unpad_plan", "unpads", "UNPAD_MAX_FILL", "project",
+           "real_token_index"]

@@ -890,6 +890,8 @@ def _train(cfg: TrainConfig, resume, log: Callable[[str], None], stop_after: Opt
                 f"by them; the last good checkpoint is {last_ckpt or '(none yet)'}. Lower --lr, raise "
                 "--warmup-steps, use --precision bf16 or fp32, or check the data; then resume with --resume auto")
 
+    from .fast import unpads
+
     stop = _StopRequest(W, say)
     try:
         while step < end_step:
@@ -900,8 +902,8 @@ def _train(cfg: TrainConfig, resume, log: Callable[[str], None], stop_after: Opt
                 raw = next(it)
                 n_tok = int(raw["lengths"].sum())  # counted on the host copy: no device sync
                 batch = to_device(raw, device)
-                if cfg.compile:  # the host's count: compiled, a padded batch runs its dense ops on the real tokens
-                    batch[NUM_TOKENS_KEY] = n_tok
+                if cfg.compile and unpads(n_tok, *raw["input_ids"].shape):
+                    batch[NUM_TOKENS_KEY] = n_tok  # the host's count: compiled, the dense ops run on the real tokens
                 part = i * W + env.rank  # this micro-batch's place in the step's global batch (rows part*B...)
                 if split_invariant:
                     masked = spec.apply(batch, seed=mask_seed(cfg.seed, step), row_offset=part * B)

@@ -295,6 +295,12 @@ def test_unpad_path_passes_the_host_count_and_others_do_not():
     assert ts.skip_reason("mlmfast-fast-unpad", torch.device("cpu")) == ts.UNPAD_CPU_REASON
     assert ts.skip_reason("mlmfast-fast-unpad", torch.device("meta")) is None
     assert ts.skip_reason("mlmfast-fast-unpad-compile", torch.device("cpu"), cpu_compile=True) is None
+    full = Batches("full", B, L, [ids], [torch.ones(B, L, dtype=torch.long)], [B * L],
+                   mask_kwargs=dict(mask_token_id=4, vocab_size=100, special_token_ids=[0, 1, 2, 3, 4]))
+    full.masked = [full.mask(0)]
+    seen.clear()
+    ts.make_step("mlmfast-fast-unpad-compile", fn, opt, full, torch.device("cpu"))(0)
+    assert seen == [("mlmfast-fast-unpad-compile", None)]  # a full batch: no count (nothing to unpad)
 
 
 def test_union_of_kernel_intervals():

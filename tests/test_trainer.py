@@ -172,7 +172,8 @@ def test_compile_trains_the_same_steps(corpus_file, tmp_path, monkeypatch):
     got = compiled.train_losses + resumed.train_losses
     assert len(got) == 6
     assert [c[0] for c in counts] == [False] * 6 + [True] * 3 + [False] * 3
-    assert all(n == (real if was_compiled else None) for was_compiled, n, real in counts), counts
+    # compiled: the count of every batch that unpads (a fuller one gets none: no value to guard a graph on)
+    assert all(n == (real if was_compiled and real <= 0.85 * 8 * 32 else None) for was_compiled, n, real in counts)
     assert any(real <= 0.85 * 8 * 32 for _, _, real in counts)  # padded enough to unpad
     for a, b in zip(got, eager.train_losses):
         assert abs(a - b) <= 1e-4 * abs(b), (got, eager.train_losses)
