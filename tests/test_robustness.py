@@ -218,13 +218,21 @@ def test_cuda_run_with_the_guard_learns_and_resumes_exactly(corpus_file, tok_dir
 
 
 @pytest.mark.gpu
-def test_cuda_compiled_run_learns(corpus_file, tok_dir, tmp_path, cuda_device):
+@pytest.mark.parametrize("pack", [True, False], ids=["packed", "padded"])
+def test_cuda_compiled_run_learns(corpus_file, tok_dir, tmp_path, cuda_device, pack):
     """--compile on a GPU (inductor, bf16 autocast, fast path with the Triton kernels as custom ops): the run
-    builds, learns, and its first loss is the eager run's (same weights and batch; dropout off)."""
+    builds, learns, and its first loss is the eager run's (same weights and batch; dropout off). Padded rows (one
+    document per row): the compiled step gets each batch's real-token count and unpads (a dynamic size)."""
+    data = corpus_file
+    if not pack:  # one line per document: short documents, rows mostly padding
+        data = tmp_path / "short.txt"
+        lines = [ln.strip() for ln in corpus_file.read_text().splitlines() if ln.strip()]
+        data.write_text("\n\n".join(lines[:3000]) + "\n")
+
     def c(out, compile):
-        return cfg(corpus_file, tok_dir, out, max_steps=20, save_every=20, eval_every=20, eval_batches=4,
+        return cfg(data, tok_dir, out, max_steps=20, save_every=20, eval_every=20, eval_batches=4,
                    log_every=5, device="cuda", precision="bf16", seq_len=64, batch_size=16, dropout=0.0,
-                   compile=compile)
+                   compile=compile, pack=pack)
 
     torch._dynamo.reset()
     try:
