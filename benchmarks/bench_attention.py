@@ -3,6 +3,9 @@
     python benchmarks/bench_attention.py                         # L 128..4096, D 64 and 128, bf16, fwd and fwd+bwd
     python benchmarks/bench_attention.py --padding none half --out benchmarks/results/attention-$(date +%F).json
     python benchmarks/bench_attention.py --L 512 --D 64 --sweep   # try launch configs, print the best per kernel
+    python benchmarks/bench_attention.py --L 512 --D 64 --sweep --dropout 0.1 --out sweep.json   # dropout variant
+    python benchmarks/bench_attention.py --annotate sweep.json   # + registers / spills per candidate (no GPU):
+                                                                 # the fastest spill-free config per kernel
 
 FLOPs (non-causal, padding excluded): forward 4 * H * D * sum_b L_b^2, backward 2.5x that (fwd+bwd = 3.5x).
 Timings (`--timing`, default both), median with p20 / p80, after warm-up, random data:
@@ -25,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import subprocess
 import sys
 from typing import Callable, Optional
 
@@ -260,7 +264,7 @@ def _warm_one(job: tuple) -> Optional[str]:
     """In a worker process: run one candidate once so that Triton compiles it into its on-disk cache (the sweep's
     process then loads it instead of compiling). Same shapes and dtypes as the sweep, hence the same
     specialisation and cache key. Returns None, or the error."""
-    kind, cand, (B, H, L, D), dtype_name, device = job
+    kind, cand, (B, H, L, D), dtype_name, device, dropout_p = job
     import mlmfast.kernels.attention as K
     from mlmfast.attention import attention
 
@@ -268,7 +272,7 @@ def _warm_one(job: tuple) -> Optional[str]:
     orig = _with_config(K, kind, K.KernelConfig(*cand))
     try:
         q, k, v, do = _sweep_inputs(B, H, L, D, dtype, device)
-        out = attention(q, k, v)
+        out = attention(q, k, v, dropout_p=dropout_p)
         if kind != "fwd":
             out.backward(do)
         if device == "cuda":
@@ -302,8 +306,9 @@ def warm_cache(jobs: list[tuple], workers: int) -> dict:
 
 
 def sweep(args) -> list[dict]:
-    """Time each candidate launch config of each kernel at the first L / D given; print the fastest. Candidates
-    are compiled first in parallel processes (`--jobs`); timings: do_bench medians, the same inputs for all."""
+    """Time each candidate launch config of each kernel at the first L / D given, with the first --dropout (the
+    dropout variant has launch configs of its own); print the fastest. Candidates are compiled first in parallel
+    processes (`--jobs`); timings: do_bench medians, the same inputs for all. Spills: see --annotate."""
     import time
 
     import mlmfast.kernels.attention as K
@@ -311,11 +316,12 @@ def sweep(args) -> list[dict]:
 
     dtype = DTYPES[args.dtype]
     D, L = args.D[0], args.L[0]
+    p = float(args.dropout[0])
     H, B = max(1, args.hidden // D), max(1, args.tokens // L)
     kinds = ("fwd", "dkdv", "dq")
     t0 = time.perf_counter()
     if args.jobs > 1:
-        jobs = [(kind, c, (B, H, L, D), args.dtype, "cuda") for kind in kinds for c in SWEEP_CANDIDATES]
+        jobs = [(kind, c, (B, H, L, D), args.dtype, "cuda", p) for kind in kinds for c in SWEEP_CANDIDATES]
         errors = warm_cache(jobs, args.jobs)
         print(f"sweep: compiled {len(jobs)} candidates in {time.perf_counter() - t0:.0f} s on {args.jobs} processes"
               f" ({len(errors)} failed)", flush=True)
@@ -329,14 +335,14 @@ def sweep(args) -> list[dict]:
             orig = _with_config(K, kind, c)
             try:
                 if kind == "fwd":
-                    ms = _bench_cuda(lambda: attention(q, k, v))[0]
+                    ms = _bench_cuda(lambda: attention(q, k, v, dropout_p=p))[0]
                     tf = flops / (ms * 1e-3) / 1e12
                 else:
-                    ms = _bench_cuda(lambda: attention(q, k, v).backward(do), grad_to_none=[q, k, v])[0]
+                    ms = _bench_cuda(lambda: attention(q, k, v, dropout_p=p).backward(do), grad_to_none=[q, k, v])[0]
                     tf = 3.5 * flops / (ms * 1e-3) / 1e12
                 results.append((ms, c))
                 rows.append(dict(kind=kind, config=list(cand), ms=ms, tflops=tf, L=L, D=D, B=B, H=H,
-                                 dtype=args.dtype, timed="fwd" if kind == "fwd" else "fwd+bwd"))
+                                 dtype=args.dtype, dropout=p, timed="fwd" if kind == "fwd" else "fwd+bwd"))
                 print(f"{kind} {c}: {ms:.3f} ms ({tf:.1f} TFLOP/s{' fwd+bwd' if kind != 'fwd' else ''})", flush=True)
             except Exception as exc:
                 rows.append(dict(kind=kind, config=list(cand), error=f"{type(exc).__name__}: {exc}"[:300]))
@@ -345,8 +351,49 @@ def sweep(args) -> list[dict]:
                 K.kernel_config = orig
         if results:
             best = min(results, key=lambda t: t[0])
-            print(f"BEST {kind} D={D} L={L} {args.dtype}: {best[1]} {best[0]:.3f} ms")
+            print(f"BEST {kind} D={D} L={L} {args.dtype} dropout {p:g}: {best[1]} {best[0]:.3f} ms")
     print(f"sweep: {time.perf_counter() - t0:.0f} s in all")
+    return rows
+
+
+def annotate(path: str, arch: int = 90) -> list[dict]:
+    """Registers and spill bytes (ptxas, this machine's triton; no GPU needed) of every candidate in a --sweep
+    JSON, written back into it; prints the fastest spill-free config per kernel (the ones a launch-config table
+    may take: CI fails on spills). The variant compiled is the one timed: plain, or dropout when the rows say so."""
+    import json
+
+    from mlmfast._io import atomic_write_json
+    from mlmfast.kernels import attention as K
+    from mlmfast.kernels import compile_check as C
+
+    with open(path) as f:
+        rows = json.load(f)
+    for r in rows:
+        if "config" not in r or "error" in r:
+            continue
+        dropout = float(r.get("dropout", 0.0)) > 0
+        orig = _with_config(K, r["kind"], K.KernelConfig(*r["config"]))
+        try:
+            spec = next(sp for sp in C._specs(r["D"], {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}[
+                r["dtype"]], arch, [(False, dropout)]) if sp[0] == r["kind"])
+            _, fn, sig, cx, opts, _, _ = spec
+            ck = C._compile(fn, sig, cx, opts, arch)
+            r["regs"], r["spill_bytes"] = C._ptxas_usage(ck.asm["ptx"], arch)
+        except Exception as exc:
+            r["compile_error"] = f"{type(exc).__name__}: {str(exc)[:200]}"
+        finally:
+            K.kernel_config = orig
+        print(f"{r['kind']:5s} {tuple(r['config'])}: {r['ms']:.3f} ms, {r.get('regs', '-')} regs, "
+              f"spill {r.get('spill_bytes', '-')}", flush=True)
+    atomic_write_json(path, rows)
+    for kind in dict.fromkeys(r.get("kind") for r in rows if "kind" in r):
+        ok = sorted((r for r in rows if r.get("kind") == kind and r.get("spill_bytes") == 0 and "ms" in r),
+                    key=lambda r: r["ms"])
+        best = min((r for r in rows if r.get("kind") == kind and "ms" in r), key=lambda r: r["ms"], default=None)
+        if ok:
+            print(f"BEST spill-free {kind}: {tuple(ok[0]['config'])} {ok[0]['ms']:.3f} ms"
+                  + (f" (fastest overall {tuple(best['config'])} {best['ms']:.3f} ms, spill {best.get('spill_bytes')})"
+                     if best is not ok[0] else ""))
     return rows
 
 
@@ -370,7 +417,15 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--cpu-reference", action="store_true",
                     help="on CPU: time only eager and SDPA at the given (small) L; the kernel needs a GPU")
     ap.add_argument("--out", default=None, help="write the rows as JSON here")
+    ap.add_argument("--annotate", default=None, metavar="SWEEP_JSON",
+                    help="add registers / spills (sm_90, this machine's triton, no GPU) to a --sweep JSON")
     args = ap.parse_args(argv)
+    if args.annotate:
+        if os.environ.get("TRITON_INTERPRET") == "1":  # kernels would be interpreter objects, not compilable
+            env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+            return subprocess.call([sys.executable, os.path.abspath(__file__), "--annotate", args.annotate], env=env)
+        annotate(args.annotate)
+        return 0
     if not torch.cuda.is_available():
         print("bench_attention: kernel timings need a CUDA GPU (the Triton interpreter is not a benchmark).")
         if not args.cpu_reference:
