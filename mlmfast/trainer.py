@@ -1016,7 +1016,8 @@ def compile_for_training(model, cfg: TrainConfig, log: Callable[[str], None]):
                         "--compile")
     backend = os.environ.get(COMPILE_BACKEND_ENV, "inductor")
     log(f"torch.compile: on (backend {backend}); the first steps build the graphs (about a minute on a GPU; a "
-        f"new batch shape, such as a short last batch, builds again)")
+        f"new batch shape, such as a short last batch, builds again; with padded rows the second batch builds "
+        f"once more, taking the real-token count as a dynamic size)")
     return torch.compile(model, backend=backend)
 
 
