@@ -29,6 +29,14 @@ TOTAL=${GPU_CHECK_SECONDS:-540}
 START=$(date +%s)
 export PYTHONUNBUFFERED=1
 left() { echo $((TOTAL - ($(date +%s) - START))); }
+# the status of an optional stage (attention bench, step profile) from its exit code: stage_status RC [LOG]
+stage_status() {
+  case $1 in
+    0) echo "ok" ;;
+    124 | 137) echo "stopped at the time limit" ;;
+    *) echo "FAILED (exit $1${2:+; see $2})" ;;
+  esac
+}
 note() { echo "[gpu_check $(($(date +%s) - START))s] $*"; }
 [ -n "${MLMFAST_GIT_COMMIT:-}" ] || MLMFAST_GIT_COMMIT=$(git rev-parse --short HEAD 2>/dev/null || echo unknown)
 export MLMFAST_GIT_COMMIT
@@ -131,13 +139,8 @@ else
   { echo; echo "== bench_attention ${aargs[*]}"; } >>"$OUT/bench.log"
   timeout -k 5 "$t_attn" "$PY" benchmarks/bench_attention.py "${aargs[@]}" --out "$OUT/attention.json" \
     >>"$OUT/bench.log" 2>&1
-  rc=$?
+  attn=$(stage_status $? bench.log)
   set -e
-  case $rc in
-    0) attn="ok" ;;
-    124 | 137) attn="stopped at the time limit" ;;
-    *) attn="FAILED (exit $rc; see bench.log)" ;;
-  esac
 fi
 note "attention bench: $attn"
 
@@ -154,13 +157,8 @@ if [ "$t_prof" -lt 30 ]; then
 else
   set +e
   timeout -k 5 "$t_prof" "$PY" -m benchmarks.profile_step "${pargs[@]}" --out "$OUT/profile.md" >/dev/null 2>&1
-  rc=$?
+  prof=$(stage_status $?)
   set -e
-  case $rc in
-    0) prof="ok" ;;
-    124 | 137) prof="stopped at the time limit" ;;
-    *) prof="FAILED (exit $rc)" ;;
-  esac
 fi
 note "step profile: $prof"
 rm -f "$OUT"/.*.tmp "$OUT"/*.tmp-*.png  # what mlmfast/_io.py's atomic writes leave if killed mid-write
