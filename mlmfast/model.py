@@ -395,7 +395,8 @@ class BertForMLM(nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 token_type_ids: torch.Tensor | None = None, labels: torch.Tensor | None = None, *,
                 positions: torch.Tensor | None = None, position_labels: torch.Tensor | None = None,
-                return_logits: bool = False, num_tokens: int | None = None) -> MLMOutput:
+                return_logits: bool = False, num_tokens: int | None = None,
+                head_at_labels_only: bool = False) -> MLMOutput:
         """loss = mean fp32 CE over the predicted positions (0.0 if there are none).
 
         Targets: HF-style labels (B, L) (-100 = not predicted), or positions / position_labels (B, P) (unused
@@ -407,11 +408,25 @@ class BertForMLM(nn.Module):
         (on the CPU batch, before copying it). With it, a padded enough batch runs the encoder's dense ops on its
         real tokens only on a GPU and under torch.compile too, without a device->host sync (`fast.unpad_plan`;
         it pays when the step is GPU-bound, not in a launch-bound eager GPU step: NOTES.md).
+        head_at_labels_only (evaluation; needs labels or positions): the reference computation whatever the path,
+        with the MLM head run on the labelled rows only: logits (N, V) in row-major order (== the full reference
+        logits[labels != -100], row by row), the same loss, and no (B, L, V) logits tensor (with a large
+        vocabulary that tensor, not the model, sets the memory of an evaluation). Reads the number of labelled
+        rows (a host sync on CUDA): not for the training step.
         """
         from . import fast
 
         self._check_inputs(input_ids, attention_mask, token_type_ids, labels, positions, position_labels)
         fast.check_num_tokens(num_tokens, *input_ids.shape)
+        if head_at_labels_only:
+            if labels is None and positions is None:
+                raise UserError("head_at_labels_only=True needs labels (or positions / position_labels)")
+            if positions is not None:
+                labels = fast.dense_labels(positions, position_labels, input_ids.shape[1])
+            hidden = self.encode(input_ids, attention_mask, token_type_ids)  # (B, L, H)
+            rows = labels != IGNORE_INDEX  # (B, L)
+            logits = self.head(hidden[rows])  # (N, V): the head is row-wise
+            return MLMOutput(loss=mlm_loss(logits, labels[rows]), logits=logits)
         if self.path == "fast" and (labels is not None or positions is not None):
             keep = None if attention_mask is None else attention_mask != 0  # (B, L) bool
             x = self.bert["embeddings"](input_ids, token_type_ids)  # (B, L, H)

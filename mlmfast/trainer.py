@@ -291,8 +291,10 @@ def evaluate(model, loader, spec: MaskingSpec, device: torch.device, max_batches
     Validation batches are masked with fixed seeds, so successive evaluations see the same masked tokens. With
     the counter-based masking kernel (C++ twin / CUDA) a row's mask depends on (seed, its index in the loader's
     row order) only, so the numbers do not depend on the batch size either; the PyTorch fallback seeds per batch.
-    Always the reference computation (full logits: the model is called without labels), whatever the training
-    path, so validation numbers of fast and reference runs are comparable. Data parallel (`env` of
+    Always the reference computation, whatever the training path, so validation numbers of fast and reference
+    runs are comparable; its MLM head runs on the masked rows only (`head_at_labels_only`: the same numbers as
+    full logits, without a (B, L, V) logits tensor, which with a large vocabulary would need more memory than
+    the training step). Data parallel (`env` of
     mlmfast.distributed): every rank iterates the same loader and computes batches i = rank (mod world size);
     the sums are all-reduced, so every rank returns the single-process numbers. Ranks with one batch fewer run
     one discarded forward, as FSDP2 needs every rank in every forward."""
@@ -320,15 +322,17 @@ def evaluate(model, loader, spec: MaskingSpec, device: torch.device, max_batches
         else:
             masked = spec.apply(batch, seed=EVAL_MASK_SEED + i)
         with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-            out = model(masked.input_ids, attention_mask=batch["attention_mask"])
-        loss_sum, n, ok = mlm_loss_sum(out.logits, masked.labels)
+            out = model(masked.input_ids, attention_mask=batch["attention_mask"], labels=masked.labels,
+                        head_at_labels_only=True)  # logits (N, V): the masked rows, row-major
+        loss_sum, n, ok = mlm_loss_sum(out.logits, masked.labels[masked.labels != -100])
         tot += torch.stack([loss_sum.double(), n.double(), ok.double()])
         own += 1
     if env.enabled:
         for _ in range(-(-n_batches // env.world_size) - own):  # FSDP: same number of forwards on every rank
             b = to_device(spare, device)
             with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-                model(b["input_ids"], attention_mask=b["attention_mask"])
+                model(b["input_ids"], attention_mask=b["attention_mask"], labels=torch.full_like(b["input_ids"], -100),
+                      head_at_labels_only=True)  # nothing labelled: the encoder only
         env.all_reduce_sum_(tot)
     model.train(was_training)
     loss_sum, n, ok = tot.tolist()

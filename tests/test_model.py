@@ -349,3 +349,29 @@ def test_bad_inputs(model, case, pattern):
         kw["labels"] = torch.full_like(ids, 97)
     with pytest.raises(UserError, match=pattern):
         model(ids, **kw)
+
+
+@pytest.mark.parametrize("path", ["reference", "fast"])
+def test_head_at_labels_only_is_the_reference_at_those_rows(path):
+    """forward(..., head_at_labels_only=True) (what evaluation calls): the reference computation on either path,
+    the head on the labelled rows only: the full reference's loss and its logits[labels != -100], row by row;
+    positions / position_labels give the same; no labels is one clear error."""
+    from mlmfast.masking import mask_tokens
+
+    torch.manual_seed(1)
+    m = BertForMLM(tiny_config(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)).eval()
+    ids, mask, tt, _ = batch(4, 33, seed=2)
+    masked = mask_tokens(ids, 4, TINY["vocab_size"], special_token_ids=[0, 4], attention_mask=mask, seed=3)
+    with torch.no_grad():
+        full = m.set_path("reference")(masked.input_ids, mask, tt, labels=masked.labels)
+        m.set_path(path)
+        got = m(masked.input_ids, mask, tt, labels=masked.labels, head_at_labels_only=True)
+        by_pos = m(masked.input_ids, mask, tt, positions=masked.positions, position_labels=masked.position_labels,
+                   head_at_labels_only=True)
+    rows = masked.labels != -100
+    assert got.logits.shape == (int(rows.sum()), TINY["vocab_size"])
+    torch.testing.assert_close(got.logits, full.logits[rows], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got.loss, full.loss, rtol=1e-6, atol=0)
+    torch.testing.assert_close(by_pos.logits, got.logits, rtol=0, atol=0)
+    with pytest.raises(UserError, match="head_at_labels_only=True needs labels"):
+        m(masked.input_ids, mask, head_at_labels_only=True)

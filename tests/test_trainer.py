@@ -210,3 +210,34 @@ def test_compile_with_fsdp_is_refused(monkeypatch):
     monkeypatch.setattr(dist, "is_fsdp", lambda m: True)
     with pytest.raises(UserError, match="--compile with --strategy fsdp is not supported"):
         compile_for_training(model, TrainConfig(compile=True), _silent)
+
+
+def test_evaluation_equals_full_logits():
+    """evaluate() runs the head on the masked rows only (head_at_labels_only) and still gives the numbers of the
+    full-logits reference: loss sum, masked-token count and correct predictions over every batch."""
+    from mlmfast.config import ModelConfig
+    from mlmfast.data import MLMDataset, make_loader
+    from mlmfast.model import BertForMLM
+    from mlmfast.trainer import EVAL_MASK_SEED, MaskingSpec, evaluate, mlm_loss_sum
+
+    torch.manual_seed(0)
+    V, L = 120, 24
+    model = BertForMLM(ModelConfig.from_preset("bert-tiny", vocab_size=V, max_position_embeddings=64)).set_path("fast")
+    g = torch.Generator().manual_seed(1)
+    lengths = torch.randint(3, L + 1, (10,), generator=g)
+    ids = torch.randint(5, V, (10, L), generator=g) * (torch.arange(L)[None, :] < lengths[:, None])
+    ds = MLMDataset(ids.int(), lengths.int())
+    spec = MaskingSpec(mask_token_id=4, vocab_size=V, special_token_ids=[0, 1, 2, 3, 4], mlm_probability=0.3)
+    loader = make_loader(ds, 4, shuffle=False, drop_last=False)
+    got = evaluate(model, loader, spec, torch.device("cpu"))
+    tot, n, ok, row0 = 0.0, 0, 0, 0
+    model.eval()
+    with torch.no_grad():
+        for batch in loader:
+            masked = spec.apply(batch, seed=EVAL_MASK_SEED, row_offset=row0)
+            row0 += batch["input_ids"].shape[0]
+            logits = model.set_path("reference")(masked.input_ids, attention_mask=batch["attention_mask"]).logits
+            s, c, k = mlm_loss_sum(logits, masked.labels)
+            tot, n, ok = tot + float(s), n + int(c), ok + int(k)
+    assert got["val_tokens"] == n > 0
+    assert abs(got["val_loss"] - tot / n) <= 1e-6 * tot / n and got["val_acc"] == ok / n
