@@ -1019,6 +1019,9 @@ def compile_for_training(model, cfg: TrainConfig, log: Callable[[str], None]):
         raise UserError("--compile with --strategy fsdp is not supported; use --strategy ddp, or leave out "
                         "--compile")
     backend = os.environ.get(COMPILE_BACKEND_ENV, "inductor")
+    if next(model.parameters()).device.type == "cpu" and cfg.path == "fast":
+        log("note: on a CPU the compiled fast step measured slower than the eager one (bert-small, L=128, 2-core "
+            "Xeon: 286-443 ms vs 224-354 ms, NOTES.md); --compile pays on a GPU")
     log(f"torch.compile: on (backend {backend}); the first steps build the graphs (about a minute on a GPU; a "
         f"new batch shape, such as a short last batch, builds again; with padded rows the second batch builds "
         f"once more, taking the real-token count as a dynamic size)")

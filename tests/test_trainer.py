@@ -162,6 +162,7 @@ def test_compile_trains_the_same_steps(corpus_file, tmp_path, monkeypatch):
         compiled = train(tiny_cfg(corpus_file, tmp_path / "compiled", compile=True, **kw), log=logs.append,
                          stop_after=3)
         assert any("torch.compile: on (backend aot_eager)" in m for m in logs)
+        assert any(m.startswith("note: on a CPU the compiled fast step measured slower") for m in logs)
         from torch._dynamo.utils import counters
 
         assert counters["stats"]["unique_graphs"] >= 1  # the forward really went through dynamo
