@@ -152,6 +152,8 @@ def make_step(path: str, fn: Callable, opt, batches, device: torch.device) -> Ca
     amp = autocast_dtype(device)
     n = len(batches)
     fast = path.startswith("mlmfast-fast")
+    # the rows' lengths (the batches are right-padded), as the trainer passes them: attention takes seqlens
+    lengths = [am.sum(1) for am in batches.attention_mask] if fast else None
 
     def hint(j: int) -> dict:
         # mlmfast-fast-unpad(-compile): the real-token count as the host knows it, so that the layers' dense ops
@@ -170,7 +172,7 @@ def make_step(path: str, fn: Callable, opt, batches, device: torch.device) -> Ca
             if fast:
                 m = batches.mask(j)  # the mask_select call of the trainer's step; same bits as batches.masked[j]
                 out = fn(m.input_ids, attention_mask=attn, positions=m.positions, position_labels=m.position_labels,
-                         **hint(j))
+                         lengths=lengths[j], **hint(j))
             else:
                 m = batches.masked[j]
                 out = fn(input_ids=m.input_ids, attention_mask=attn, labels=m.labels)

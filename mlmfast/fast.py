@@ -36,7 +36,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ._checks import INT, check_tensor, is_int, shape_str
+from ._checks import INT, check_all, check_tensor, is_int, shape_str
 from .attention import _TRITON_FOUND as _ATTN_TRITON_FOUND
 from .attention import attention
 from .errors import UserError
@@ -153,6 +153,23 @@ def unpads(num_tokens: int, batch: int, seq_len: int) -> bool:
     return num_tokens <= UNPAD_MAX_FILL * batch * seq_len
 
 
+def check_lengths(lengths: Optional[torch.Tensor], attention_mask: Optional[torch.Tensor], batch: int,
+                  seq_len: int) -> None:
+    """lengths: None, or (B,) integers with an attention_mask that is exactly right padding of those lengths
+    (exact on CPU; a device assert on CUDA / under torch.compile: no host sync)."""
+    if lengths is None:
+        return
+    if attention_mask is None:
+        raise UserError("lengths: pass it with the attention_mask whose right padding it describes (or leave both "
+                        "out: no padding)")
+    check_tensor("lengths", lengths, f"an integer tensor [B] = [{batch}] of row lengths (right padding)", dtypes=INT,
+                 shape=(batch,), device=attention_mask.device, device_of="attention_mask")
+    pos = torch.arange(seq_len, device=lengths.device)
+    check_all(((attention_mask != 0) == (pos[None, :] < lengths[:, None])).all(dim=1),
+              "lengths: the attention_mask is not right padding with these lengths (row b must be real exactly at "
+              "positions 0 .. lengths[b]-1); pass the batch's own lengths, or leave lengths out")
+
+
 def check_num_tokens(num_tokens, batch: int, seq_len: int) -> None:
     """num_tokens: None or an int in [0, B * L] (no tensor: the point is that it is known on the host)."""
     if num_tokens is None:
@@ -202,14 +219,16 @@ def project(x: torch.Tensor, *linears: nn.Module,
 
 def self_attention(x: torch.Tensor, query: nn.Module, key: nn.Module, value: nn.Module, num_heads: int,
                    keep: Optional[torch.Tensor], dropout_p: float, backend: str,
-                   scale: Optional[float] = None, unpadded: Optional[Unpadded] = None) -> torch.Tensor:
+                   scale: Optional[float] = None, unpadded: Optional[Unpadded] = None,
+                   seqlens: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Bidirectional multi-head self-attention of x (B, L, H) with the given projections -> (B, L, H).
 
     keep (B, L) bool: True = real token (padded keys get no attention); None = no padding. dropout_p: attention
     dropout (pass 0 in eval mode). On the kernel path padded query rows return 0 (SDPA returns finite values);
     either way they reach neither the loss nor any gradient, because no other position attends to them.
     unpadded: x is (T, H), the real tokens of the plan; the projections run on them, attention on the padded
-    layout, and the result is (T, H).
+    layout, and the result is (T, H). seqlens (B,): keep is right padding with these lengths (checked by the
+    caller): the kernel takes them instead of the mask (no per-key mask loads; full rows run unmasked blocks).
     """
     if unpadded is None:
         B, L, H = x.shape
@@ -223,7 +242,8 @@ def self_attention(x: torch.Tensor, query: nn.Module, key: nn.Module, value: nn.
     # padded layout (unpadded: scattered back once, zeros at the padding): views of one (B, L, 3H) output
     q, k, v = (heads(t) for t in project(x, query, key, value, post=None if unpadded is None else unpadded.unpack))
     if use_attention_kernel(q, D, backend):
-        y = attention(q, k, v, key_padding_mask=keep, dropout_p=dropout_p, softmax_scale=scale)  # (B, nh, L, D)
+        pad = dict(key_padding_mask=keep) if seqlens is None else dict(seqlens=seqlens)
+        y = attention(q, k, v, dropout_p=dropout_p, softmax_scale=scale, **pad)  # (B, nh, L, D)
     else:
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=padding_bias(keep, q.dtype), dropout_p=dropout_p,
                                            scale=scale)  # (B, nh, L, D)
@@ -350,7 +370,8 @@ def select_rows(hidden: torch.Tensor, labels: Optional[torch.Tensor] = None, pos
 def encoder_layer(x: torch.Tensor, attn: nn.Module, num_heads: int, keep: Optional[torch.Tensor],
                   dropout_p: float, backend: str, attn_output: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
                   ffn: Callable[[torch.Tensor], torch.Tensor], scale: Optional[float] = None,
-                  queries: Optional[torch.Tensor] = None, unpadded: Optional[Unpadded] = None) -> torch.Tensor:
+                  queries: Optional[torch.Tensor] = None, unpadded: Optional[Unpadded] = None,
+                  seqlens: Optional[torch.Tensor] = None) -> torch.Tensor:
     """A post-LN BERT layer: x = attn_output(attention(x), x); return ffn(x). attn has .query/.key/.value.
     unpadded (an `unpad_plan`): x is (T, H), the real tokens, and so is the result.
 
@@ -361,7 +382,7 @@ def encoder_layer(x: torch.Tensor, attn: nn.Module, num_heads: int, keep: Option
     """
     if queries is None:
         a = self_attention(x, attn.query, attn.key, attn.value, num_heads, keep, dropout_p, backend, scale,
-                           unpadded)
+                           unpadded, seqlens)
         return ffn(attn_output(a, x))  # (B, L, H), or (T, H) unpadded
     if unpadded is not None:
         raise ValueError("the query-rows layer takes the padded layout: unpack before it")
@@ -395,4 +416,4 @@ def mlm_head_loss(sel: SelectedRows, transform: Callable[[torch.Tensor], torch.T
 __all__ = ["BACKENDS", "SelectedRows", "check_backend", "check_targets", "compact_rows", "dense_labels",
            "encoder_layer", "mlm_head_loss", "padding_bias", "select_rows", "self_attention", "target_positions",
            "use_attention_kernel", "Unpadded", "unpad_plan", "unpads", "UNPAD_MAX_FILL", "project",
-           "real_token_index"]
+           "real_token_index", "check_lengths"]

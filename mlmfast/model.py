@@ -195,21 +195,24 @@ class Layer(nn.Module):
         self.act = activation(cfg.hidden_act)  # no parameters
 
     def forward(self, x: torch.Tensor, key_mask: torch.Tensor | None = None, *, fast_backend: Optional[str] = None,
-                queries: Optional[torch.Tensor] = None, unpadded: Any = None) -> torch.Tensor:
+                queries: Optional[torch.Tensor] = None, unpadded: Any = None,
+                seqlens: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Reference: (B, L, H) -> (B, L, H), key_mask as SelfAttention takes it. With fast_backend (the fast
         path; key_mask is then the (B, L) bool keep-mask or None): mlmfast.fast.encoder_layer, (B, L, H) ->
         (B, L, H), or (B*P, H) at the (B, P) `queries` positions only. Both go through this module's __call__,
         so wrappers that hook it (FSDP2's fully_shard) see every layer call. unpadded (fast path, a
-        `fast.unpad_plan`): x and the result are (T, H), the real tokens only."""
+        `fast.unpad_plan`): x and the result are (T, H), the real tokens only. seqlens (fast path, (B,)): the
+        key mask is right padding with these row lengths (the fused attention then takes lengths, not a mask)."""
         if fast_backend is not None:
-            return self._fast_forward(x, key_mask, fast_backend, queries, unpadded)
+            return self._fast_forward(x, key_mask, fast_backend, queries, unpadded, seqlens)
         a = self.attention["self"](x, key_mask)  # (B, L, H)
         x = self.attention["output"](a, x)  # (B, L, H)
         h = self.act(self.intermediate["dense"](x))  # (B, L, I)
         return self.output(h, x)  # (B, L, H)
 
     def _fast_forward(self, x: torch.Tensor, keep: Optional[torch.Tensor], backend: str,
-                      queries: Optional[torch.Tensor], unpadded: Any = None) -> torch.Tensor:
+                      queries: Optional[torch.Tensor], unpadded: Any = None,
+                      seqlens: Optional[torch.Tensor] = None) -> torch.Tensor:
         from . import fast
 
         sa = self.attention["self"]
@@ -219,7 +222,7 @@ class Layer(nn.Module):
 
         return fast.encoder_layer(x, sa, sa.n_head, keep, sa.dropout.p if self.training else 0.0, backend,
                                   attn_output=self.attention["output"], ffn=ffn, scale=sa.scale, queries=queries,
-                                  unpadded=unpadded)
+                                  unpadded=unpadded, seqlens=seqlens)
 
 
 class PredictionHead(nn.Module):
@@ -395,7 +398,7 @@ class BertForMLM(nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 token_type_ids: torch.Tensor | None = None, labels: torch.Tensor | None = None, *,
                 positions: torch.Tensor | None = None, position_labels: torch.Tensor | None = None,
-                return_logits: bool = False, num_tokens: int | None = None,
+                return_logits: bool = False, num_tokens: int | None = None, lengths: torch.Tensor | None = None,
                 head_at_labels_only: bool = False) -> MLMOutput:
         """loss = mean fp32 CE over the predicted positions (0.0 if there are none).
 
@@ -408,6 +411,10 @@ class BertForMLM(nn.Module):
         (on the CPU batch, before copying it). With it, a padded enough batch runs the encoder's dense ops on its
         real tokens only on a GPU and under torch.compile too, without a device->host sync (`fast.unpad_plan`;
         it pays when the step is GPU-bound, not in a launch-bound eager GPU step: NOTES.md).
+        lengths (fast path, optional; (B,) integers, with attention_mask): the mask is right padding, row b real
+        at positions [0, lengths[b]) (the trainer's batches, HF's default collators). The fused attention then
+        takes the lengths instead of a per-key mask: no mask loads, and full rows run its unmasked blocks. The
+        two must agree (exact check on CPU; a device assert on CUDA).
         head_at_labels_only (evaluation; needs labels or positions): the reference computation whatever the path,
         with the MLM head run on the labelled rows only: logits (N, V) in row-major order (== the full reference
         logits[labels != -100], row by row), the same loss, and no (B, L, V) logits tensor (with a large
@@ -418,6 +425,7 @@ class BertForMLM(nn.Module):
 
         self._check_inputs(input_ids, attention_mask, token_type_ids, labels, positions, position_labels)
         fast.check_num_tokens(num_tokens, *input_ids.shape)
+        fast.check_lengths(lengths, attention_mask, *input_ids.shape)
         if head_at_labels_only:
             if labels is None and positions is None:
                 raise UserError("head_at_labels_only=True needs labels (or positions / position_labels)")
@@ -435,7 +443,7 @@ class BertForMLM(nn.Module):
             if plan is not None:
                 x = plan.pack(x)  # (T, H): the layers' dense ops run on the real tokens only
             for layer in layers:
-                x = layer(x, keep, fast_backend=self.fast_backend, unpadded=plan)  # (B, L, H) or (T, H)
+                x = layer(x, keep, fast_backend=self.fast_backend, unpadded=plan, seqlens=lengths)  # (B,L,H) / (T,H)
             if plan is not None:
                 x = plan.unpack(x)  # (B, L, H), zeros at the padding (masked keys of the last layer)
             B, L, _ = x.shape

@@ -269,15 +269,19 @@ def mlm_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tens
     return loss_sum, sel.sum(), correct
 
 
-def train_forward(model, path: str, masked, attention_mask: torch.Tensor, num_tokens: Optional[int] = None):
+def train_forward(model, path: str, masked, attention_mask: torch.Tensor, num_tokens: Optional[int] = None,
+                  lengths: Optional[torch.Tensor] = None):
     """The model call of one training micro-step. Fast path: the compact targets (positions / position_labels,
     no compaction, no host sync); reference path: dense labels and full logits. Same targets, same loss.
     num_tokens (fast path): the batch's real-token count from the host, so that a padded batch runs the dense ops
     on its real tokens (`fast.unpad_plan`). The training loop passes it under --compile only: in the eager GPU
     step, bound by the host's launch rate, unpadding measured slower on an H200 (NOTES.md); eager on the CPU
-    the model counts for free itself."""
+    the model counts for free itself. lengths (fast path): the rows' lengths, which the attention_mask right-pads
+    (our batches always do): the fused attention takes them instead of a per-key mask."""
     if path == "fast":
         extra = {} if num_tokens is None else {"num_tokens": num_tokens}
+        if lengths is not None:
+            extra["lengths"] = lengths
         return model(masked.input_ids, attention_mask=attention_mask, positions=masked.positions,
                      position_labels=masked.position_labels, **extra)
     return model(masked.input_ids, attention_mask=attention_mask, labels=masked.labels)
@@ -1055,7 +1059,7 @@ def train_step(model, optimizer, scaler, micro_batches, path: str, clip_grad_nor
         with _grad_sync(model, i == len(micro_batches) - 1):
             with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
                 out = train_forward(forward_model if forward_model is not None else model, path, masked,
-                                    batch["attention_mask"], batch.get(NUM_TOKENS_KEY))
+                                    batch["attention_mask"], batch.get(NUM_TOKENS_KEY), batch.get("lengths"))
             loss = out.loss.float() * share[i]  # this micro-batch's part of the global mean
             (scaler.scale(loss) if scaler is not None else loss).backward()
         loss_acc += loss.detach()

@@ -109,6 +109,40 @@ def test_bertformlm_fast_kernels_under_interpreter(B, L):
     assert_same(got, ref)
 
 
+@pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+@pytest.mark.parametrize("B,L", [(3, 17), (4, 33)])
+def test_lengths_give_the_kernel_seqlens_and_the_same_step(B, L, monkeypatch):
+    """forward(..., lengths=) (right padding, as the trainer's batches): the Triton attention gets seqlens instead
+    of a key mask, and the loss and every gradient are those of the masked call (interpreter; rows full, half,
+    all padding). Lengths that do not describe the mask, or lengths without a mask: one clear error each."""
+    torch.manual_seed(2)
+    model = BertForMLM(tiny_config()).set_path("fast", "kernel")
+    ids, am, labels = batch(B, L, seed=4)
+    lengths = am.sum(1)
+    calls = []
+    real = fast.attention
+
+    def spy(q, k, v, **kw):
+        calls.append(sorted(k_ for k_, v_ in kw.items() if v_ is not None and k_ in ("seqlens", "key_padding_mask")))
+        return real(q, k, v, **kw)
+
+    monkeypatch.setattr(fast, "attention", spy)
+    masked = run(model, input_ids=ids, attention_mask=am, labels=labels)
+    assert calls and all(c == ["key_padding_mask"] for c in calls)
+    calls.clear()
+    with_lengths = run(model, input_ids=ids, attention_mask=am, labels=labels, lengths=lengths)
+    assert calls and all(c == ["seqlens"] for c in calls)
+    assert_same(with_lengths, masked)
+    bad = lengths.clone()
+    bad[0] -= 1
+    with pytest.raises(UserError, match="lengths: the attention_mask is not right padding"):
+        model(ids, attention_mask=am, labels=labels, lengths=bad)
+    with pytest.raises(UserError, match="lengths: pass it with the attention_mask"):
+        model(ids, labels=labels, lengths=lengths)
+    with pytest.raises(UserError, match="lengths shape"):
+        model(ids, attention_mask=am, labels=labels, lengths=lengths[:1])
+
+
 def test_bertformlm_return_logits_and_defaults(selection):
     torch.manual_seed(3)
     model = BertForMLM(tiny_config())
@@ -429,7 +463,8 @@ def test_gpu_fast_step_has_no_host_sync(cuda_device):
     ids, am, labels, pos, plab = _gpu_batch(cuda_device)
     n = int(am.sum())  # counted before the guard (the trainer counts the host copy of the batch)
     for inputs in (dict(labels=labels), dict(positions=pos, position_labels=plab),
-                   dict(positions=pos, position_labels=plab, num_tokens=n)):  # the last one unpadded
+                   dict(positions=pos, position_labels=plab, num_tokens=n),  # unpadded
+                   dict(positions=pos, position_labels=plab, lengths=am.sum(1))):  # seqlens for the kernel
         for guarded in (False, True):  # a warm-up in the guarded dtype (Triton compiles, lazy imports), then the step
             torch.cuda.synchronize()
             if guarded:

@@ -36,8 +36,8 @@ def _poison(monkeypatch, bad_calls):
     real = trainer.train_forward
     calls = {"n": 0}
 
-    def forward(model, path, masked, attention_mask, num_tokens=None):
-        out = real(model, path, masked, attention_mask, num_tokens)
+    def forward(model, path, masked, attention_mask, num_tokens=None, lengths=None):
+        out = real(model, path, masked, attention_mask, num_tokens, lengths)
         i = calls["n"]
         calls["n"] += 1
         if i in bad_calls or ("all_from" in bad_calls and i >= bad_calls["all_from"]):
@@ -261,7 +261,8 @@ def test_training_step_has_no_host_sync(cuda_device, accum):
     keep = torch.ones(B, L, dtype=torch.long, device=cuda_device)
     keep[1, 50:] = 0
     keep[2, 1:] = 0
-    batch = {"input_ids": torch.randint(5, V, (B, L), device=cuda_device) * keep, "attention_mask": keep}
+    batch = {"input_ids": torch.randint(5, V, (B, L), device=cuda_device) * keep, "attention_mask": keep,
+             "lengths": keep.sum(1)}  # right padding: the trainer passes the lengths (the kernel takes seqlens)
 
     def step(seed):
         mbs = [(batch, spec.apply(batch, seed=seed, row_offset=i * B)) for i in range(accum)]

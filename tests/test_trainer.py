@@ -146,9 +146,10 @@ def test_compile_trains_the_same_steps(corpus_file, tmp_path, monkeypatch):
     counts = []  # (compiled?, num_tokens given, real tokens of the batch)
     real_forward = trainer_mod.train_forward
 
-    def spy(model, path, masked, attention_mask, num_tokens=None):
+    def spy(model, path, masked, attention_mask, num_tokens=None, lengths=None):
         counts.append((model is not None and hasattr(model, "_orig_mod"), num_tokens, int(attention_mask.sum())))
-        return real_forward(model, path, masked, attention_mask, num_tokens)
+        assert lengths is not None and int(lengths.sum()) == int(attention_mask.sum())  # right padding: the kernel
+        return real_forward(model, path, masked, attention_mask, num_tokens, lengths)  # takes lengths, not a mask
 
     monkeypatch.setattr(trainer_mod, "train_forward", spy)
     short = tmp_path / "short.txt"  # one line per document: short documents, padded rows
