@@ -30,9 +30,15 @@ FLOAT = "floating point"
 Dtypes = Union[str, Sequence[torch.dtype], None]
 
 
+def dim_str(d) -> str:
+    """A size for a message: "3"; "?" while torch.compile traces (a dynamic size cannot become text there, and the
+    messages of checks that pass are built all the same)."""
+    return "?" if _compiling() else str(int(d))
+
+
 def shape_str(shape: Sequence[int]) -> str:
-    """(2, 3) -> "[2, 3]"."""
-    return "[" + ", ".join(str(int(d)) for d in shape) + "]"
+    """(2, 3) -> "[2, 3]" (sizes as `dim_str` writes them)."""
+    return "[" + ", ".join(dim_str(d) for d in shape) + "]"
 
 
 def describe(x) -> str:

@@ -35,7 +35,7 @@ from typing import Optional
 import torch
 
 from mlmfast import dispatch
-from mlmfast._checks import INT, INT_OR_BOOL, check_tensor, shape_str
+from mlmfast._checks import INT, INT_OR_BOOL, check_tensor, dim_str, shape_str
 from mlmfast.errors import UserError
 
 _TRITON_FOUND = importlib.util.find_spec("triton") is not None
@@ -100,9 +100,9 @@ def _check(q, k, v, seqlens, key_padding_mask, dropout_p, softmax_scale) -> None
     if L < 1 or D < 1:
         raise UserError(f"attention: q shape: expected L >= 1 and D >= 1, got {shape_str(q.shape)}")
     on_q = dict(device=q.device, device_of="q", optional=True, **op)
-    check_tensor("seqlens", seqlens, f"an integer tensor [B] = [{B}] of row lengths", dtypes=INT, shape=(B,),
+    check_tensor("seqlens", seqlens, f"an integer tensor [B] = [{dim_str(B)}] of row lengths", dtypes=INT, shape=(B,),
                  **on_q)
-    check_tensor("key_padding_mask", key_padding_mask, f"a bool or integer tensor [B, L] = [{B}, {L}], "
+    check_tensor("key_padding_mask", key_padding_mask, f"a bool or integer tensor [B, L] = {shape_str((B, L))}, "
                  "True = keep", dtypes=INT_OR_BOOL, shape=(B, L), **on_q)
     if not isinstance(dropout_p, numbers.Real) or not (0.0 <= dropout_p < 1.0):
         raise UserError(f"attention: dropout_p: expected a float in [0, 1), got {dropout_p!r}")

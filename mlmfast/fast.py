@@ -36,7 +36,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ._checks import INT, check_all, check_tensor, is_int, shape_str
+from ._checks import INT, check_all, check_tensor, dim_str, is_int, shape_str
 from .attention import _TRITON_FOUND as _ATTN_TRITON_FOUND
 from .attention import attention
 from .errors import UserError
@@ -162,7 +162,7 @@ def check_lengths(lengths: Optional[torch.Tensor], attention_mask: Optional[torc
     if attention_mask is None:
         raise UserError("lengths: pass it with the attention_mask whose right padding it describes (or leave both "
                         "out: no padding)")
-    check_tensor("lengths", lengths, f"an integer tensor [B] = [{batch}] of row lengths (right padding)", dtypes=INT,
+    check_tensor("lengths", lengths, f"an integer tensor [B] = [{dim_str(batch)}] of row lengths (right padding)", dtypes=INT,
                  shape=(batch,), device=attention_mask.device, device_of="attention_mask")
     pos = torch.arange(seq_len, device=lengths.device)
     check_all(((attention_mask != 0) == (pos[None, :] < lengths[:, None])).all(dim=1),
@@ -270,7 +270,7 @@ def check_targets(input_ids: torch.Tensor, labels: Optional[torch.Tensor], posit
             missing, given = ("positions", "position_labels") if positions is None else ("position_labels", "positions")
             raise UserError(f"{missing}: expected a tensor [B, P] together with {given} (pass both, as "
                             "MaskingOutput.positions / .position_labels, or HF-style labels), got None")
-        check_tensor("positions", positions, f"an integer tensor [B, P] with B = {B} (input_ids' batch size)",
+        check_tensor("positions", positions, f"an integer tensor [B, P] with B = {dim_str(B)} (input_ids' batch size)",
                      dtypes=INT, shape=(B, None), **dev)
         check_tensor("position_labels", position_labels, f"an integer tensor [B, P] = "
                      f"{shape_str(positions.shape)}, the same shape as positions", dtypes=INT,

@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from . import dispatch
-from ._checks import FLOAT, INT, check_range, check_tensor, describe
+from ._checks import FLOAT, INT, check_range, check_tensor, describe, dim_str
 from .errors import UserError
 
 IGNORE_INDEX = -100
@@ -297,12 +297,12 @@ def linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, bias: Optional[t
     check_tensor("x", x, "a 2-D float tensor [N, H] (rows, hidden)", dtypes=FLOAT, shape=(None, None), **op)
     N, H = x.shape
     on_x = dict(device=x.device, device_of="x", **op)
-    check_tensor("weight", weight, f"a float tensor [V, H] with H = {H} (x's hidden size)", dtypes=FLOAT,
+    check_tensor("weight", weight, f"a float tensor [V, H] with H = {dim_str(H)} (x's hidden size)", dtypes=FLOAT,
                  shape=(None, H), **on_x)
     V = weight.shape[0]
-    check_tensor("bias", bias, f"a float tensor [V] = [{V}] or None", dtypes=FLOAT, shape=(V,), optional=True,
+    check_tensor("bias", bias, f"a float tensor [V] = [{dim_str(V)}] or None", dtypes=FLOAT, shape=(V,), optional=True,
                  **on_x)
-    check_tensor("labels", labels, f"an integer tensor [N] = [{N}] (ignore_index = not predicted)", dtypes=INT,
+    check_tensor("labels", labels, f"an integer tensor [N] = [{dim_str(N)}] (ignore_index = not predicted)", dtypes=INT,
                  shape=(N,), **on_x)
     if reduction not in ("mean", "sum"):
         raise UserError(f"linear_cross_entropy: reduction={reduction!r}; use 'mean' or 'sum'")

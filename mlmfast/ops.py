@@ -29,7 +29,7 @@ from typing import Iterable, Optional, Union
 import torch
 
 from . import dispatch
-from ._checks import FLOAT, INT_OR_BOOL, check_row_offset, check_tensor, shape_str, special_id_list
+from ._checks import FLOAT, INT_OR_BOOL, check_row_offset, check_tensor, dim_str, shape_str, special_id_list
 from ._checks import is_int as _is_int
 from .errors import UserError
 from .masking import IGNORE_INDEX, MODES, MaskingOutput, default_max_predictions
@@ -337,7 +337,7 @@ def _check_masks(input_ids: torch.Tensor, attention_mask, lengths, special_token
                  dtypes=INT_OR_BOOL, shape=(B, L), **dev)
     check_tensor("word_ids", word_ids, f"an int32 or int64 tensor of word ids {like}", dtypes=_IDS,
                  shape=(B, L), **dev)
-    check_tensor("lengths", lengths, f"an int32 or int64 tensor [B] = [{B}] of row lengths", dtypes=_IDS,
+    check_tensor("lengths", lengths, f"an int32 or int64 tensor [B] = [{dim_str(B)}] of row lengths", dtypes=_IDS,
                  shape=(B,), **dev)
 
 
@@ -521,7 +521,7 @@ def gather_rows(hidden: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
     check_tensor("hidden", hidden, "a float tensor [B, L, H] (the encoder output)", dtypes=FLOAT,
                  shape=(None, None, None))
     B = hidden.shape[0]
-    check_tensor("positions", positions, f"an int32 or int64 tensor [B, P] with B = {B} (hidden's batch size), "
+    check_tensor("positions", positions, f"an int32 or int64 tensor [B, P] with B = {dim_str(B)} (hidden's batch size), "
                  "e.g. MaskingOutput.positions", dtypes=_IDS, shape=(B, None), device=hidden.device,
                  device_of="hidden")
     return _gather_rows_op(hidden, positions)

@@ -545,6 +545,29 @@ def test_gpu_compiled_unpadded_step(cuda_device):
         torch._dynamo.reset()
 
 
+@pytest.mark.gpu
+def test_gpu_compiled_hf_model_takes_any_sequence_length(cuda_device):
+    """An accelerated HF model under torch.compile(fullgraph=True) with inductor on the GPU, fed batches padded to
+    their longest row (three lengths): two builds in all (L becomes dynamic), losses equal eager's (bf16)."""
+    from torch._dynamo.utils import counters
+
+    model = mlmfast.accelerate(hf_model("bert", vocab_size=1000, max_position_embeddings=512).to(cuda_device))
+    torch._dynamo.reset()
+    counters.clear()
+    try:
+        compiled = torch.compile(model, fullgraph=True)
+        for L in (96, 128, 200):
+            ids, am, labels, _, _ = _gpu_batch(cuda_device, L=L)
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                eager = model(input_ids=ids, attention_mask=am, labels=labels).loss.float()
+                got = compiled(input_ids=ids, attention_mask=am, labels=labels).loss.float()
+            got.backward()
+            torch.testing.assert_close(got, eager, rtol=2e-2, atol=0)
+        assert counters["stats"]["unique_graphs"] == 2, dict(counters["stats"])
+    finally:
+        torch._dynamo.reset()
+
+
 @pytest.mark.parametrize("which", ["bertformlm", "hf-bert", "hf-roberta"])
 def test_fast_model_compiles_fullgraph_on_cpu(which):
     """The whole fast step traces into one graph (no graph break: the GPU test's fullgraph compile of the same
@@ -667,6 +690,41 @@ def test_compiled_step_unpads_with_the_host_count(which):
         compiled = torch.compile(model, fullgraph=True, backend=backend)
         assert_same(step(compiled, **inputs), step(model, **inputs))
         assert len(graphs) == 1 and sorts(graphs[0]) == 0
+    finally:
+        torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("which", ["bertformlm-kernel", "bertformlm-auto", "hf-bert"])
+def test_compiled_step_takes_any_sequence_length(which):
+    """Batches padded to their longest row (HF's collators, MLMCollator) change L from call to call: under
+    torch.compile(fullgraph=True) L becomes a dynamic size after the second length, so four lengths build two
+    graphs, and every loss and gradient equals eager's. (The argument checks once wrote sizes into their messages
+    while tracing, which made dynamo specialise L, or fail on str() of a dynamic size.) The kernel variant runs
+    the Triton attention and linear-CE custom ops (their fake shapes) under the interpreter."""
+    from torch._dynamo.utils import counters
+
+    torch.manual_seed(6)
+    if which.startswith("bertformlm"):
+        model = BertForMLM(tiny_config()).set_path("fast", which.split("-")[1])
+    else:
+        model = mlmfast.accelerate(hf_model("bert"))
+
+    def step(fn, **inputs):
+        model.zero_grad(set_to_none=True)
+        loss = fn(**inputs).loss
+        loss.backward()
+        return loss.detach(), {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    torch._dynamo.reset()
+    counters.clear()
+    try:
+        compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+        for L in (17, 33, 41, 64):
+            ids, am, labels = (batch(3, L, seed=L) if which.startswith("bertformlm") else
+                               hf_batch(model, 3, L, seed=L))
+            inputs = dict(input_ids=ids, attention_mask=am, labels=labels)
+            assert_same(step(compiled, **inputs), step(model, **inputs))
+        assert counters["stats"]["unique_graphs"] == 2, dict(counters["stats"])
     finally:
         torch._dynamo.reset()
 
