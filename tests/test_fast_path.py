@@ -696,9 +696,9 @@ def test_compiled_step_unpads_with_the_host_count(which):
 
 @pytest.mark.parametrize("which", ["bertformlm-kernel", "bertformlm-auto", "hf-bert"])
 def test_compiled_step_takes_any_sequence_length(which):
-    """Batches padded to their longest row (HF's collators, MLMCollator) change L from call to call: under
-    torch.compile(fullgraph=True) L becomes a dynamic size after the second length, so four lengths build two
-    graphs, and every loss and gradient equals eager's. (The argument checks once wrote sizes into their messages
+    """Batches padded to their longest row (HF's collators, MLMCollator) change L from call to call, and a short
+    last batch changes B: under torch.compile(fullgraph=True) they become dynamic sizes after the second shape,
+    so four shapes build two graphs, and every loss and gradient equals eager's. (The argument checks once wrote sizes into their messages
     while tracing, which made dynamo specialise L, or fail on str() of a dynamic size.) The kernel variant runs
     the Triton attention and linear-CE custom ops (their fake shapes) under the interpreter."""
     from torch._dynamo.utils import counters
@@ -719,9 +719,9 @@ def test_compiled_step_takes_any_sequence_length(which):
     counters.clear()
     try:
         compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
-        for L in (17, 33, 41, 64):
-            ids, am, labels = (batch(3, L, seed=L) if which.startswith("bertformlm") else
-                               hf_batch(model, 3, L, seed=L))
+        for B, L in ((3, 17), (5, 33), (4, 41), (2, 64)):  # a short last batch changes B too
+            ids, am, labels = (batch(B, L, seed=L) if which.startswith("bertformlm") else
+                               hf_batch(model, B, L, seed=L))
             inputs = dict(input_ids=ids, attention_mask=am, labels=labels)
             assert_same(step(compiled, **inputs), step(model, **inputs))
         assert counters["stats"]["unique_graphs"] == 2, dict(counters["stats"])
