@@ -18,6 +18,8 @@ HF's own forward, full logits and all; `positions=` or `return_logits=True` keep
 Padding: on the CPU the encoder's dense ops skip padded positions by themselves; on a GPU and under
 torch.compile they do when the call passes `num_tokens=` (the number of attention_mask positions that are not
 0, counted on the host copy of the batch, e.g. `int(batch["attention_mask"].sum())` before `.to("cuda")`).
+Right padding (HF's default): `lengths=attention_mask.sum(1)` lets the fused attention take row lengths instead
+of a per-key mask.
 What does not change: the weights are the model's own Parameters (no copy), so optimizers, save_pretrained,
 from_pretrained, state_dict and tied embeddings behave as before. Dropout modules are HF's.
 
@@ -161,10 +163,13 @@ def _fast_forward(self, input_ids: Optional[torch.Tensor] = None, attention_mask
                   inputs_embeds: Optional[torch.Tensor] = None, encoder_hidden_states: Optional[torch.Tensor] = None,
                   encoder_attention_mask: Optional[torch.Tensor] = None, labels: Optional[torch.Tensor] = None, *,
                   positions: Optional[torch.Tensor] = None, position_labels: Optional[torch.Tensor] = None,
-                  return_logits: bool = False, num_tokens: Optional[int] = None, **kwargs: Any):
-    """HF's MLM forward signature, plus positions / position_labels (B, P), return_logits and num_tokens (the
+                  return_logits: bool = False, num_tokens: Optional[int] = None,
+                  lengths: Optional[torch.Tensor] = None, **kwargs: Any):
+    """HF's MLM forward signature, plus positions / position_labels (B, P), return_logits, num_tokens (the
     number of attention_mask positions that are not 0, counted on the host copy of the batch: with it a padded
-    batch runs the encoder's dense ops on its real tokens on a GPU and under torch.compile too; see the module)."""
+    batch runs the encoder's dense ops on its real tokens on a GPU and under torch.compile too; see the module)
+    and lengths ((B,) row lengths of a right-padded attention_mask: the fused attention takes them instead of a
+    per-key mask; checked against the mask)."""
     from transformers.modeling_outputs import MaskedLMOutput
 
     if positions is None and not return_logits and (labels is None or not self.training):
@@ -206,15 +211,18 @@ def _fast_forward(self, input_ids: Optional[torch.Tensor] = None, attention_mask
     x = base.embeddings(input_ids=input_ids, token_type_ids=token_type_ids, position_ids=position_ids)  # (B, L, H)
     *layers, last = base.encoder.layer
     fast.check_num_tokens(num_tokens, *input_ids.shape)
+    if lengths is not None:
+        lengths = lengths.to(input_ids.device)
+    fast.check_lengths(lengths, keep, *input_ids.shape)
     plan = fast.unpad_plan(keep, backend, num_tokens) if layers else None  # padded enough: dense ops on real tokens
     if plan is not None:
         x = plan.pack(x)  # (T, H)
     for layer in layers:
         if getattr(layer, "gradient_checkpointing", False) and self.training and torch.is_grad_enabled():
             x = torch.utils.checkpoint.checkpoint(_layer, layer, x, keep, backend, self.training, None, plan,
-                                                  use_reentrant=False)
+                                                  lengths, use_reentrant=False)
         else:
-            x = _layer(layer, x, keep, backend, self.training, None, plan)
+            x = _layer(layer, x, keep, backend, self.training, None, plan, lengths)
     if plan is not None:
         x = plan.unpack(x)  # (B, L, H), zeros at the padding
     B, L, _ = x.shape
@@ -235,7 +243,8 @@ def _fast_forward(self, input_ids: Optional[torch.Tensor] = None, attention_mask
 
 
 def _layer(layer: nn.Module, x: torch.Tensor, keep: Optional[torch.Tensor], backend: str, training: bool,
-           queries: Optional[torch.Tensor] = None, unpadded: Optional[fast.Unpadded] = None) -> torch.Tensor:
+           queries: Optional[torch.Tensor] = None, unpadded: Optional[fast.Unpadded] = None,
+           seqlens: Optional[torch.Tensor] = None) -> torch.Tensor:
     """One HF encoder layer with the fast attention core (at `queries` only, when given; on the real tokens
     (T, H) only with `unpadded`: see fast.encoder_layer); every other module is HF's own."""
     sa = layer.attention.self
@@ -243,7 +252,7 @@ def _layer(layer: nn.Module, x: torch.Tensor, keep: Optional[torch.Tensor], back
         x, sa, sa.num_attention_heads, keep, sa.dropout.p if training else 0.0, backend,
         attn_output=layer.attention.output,  # dense -> dropout -> LayerNorm(+ x)
         ffn=lambda h: layer.output(layer.intermediate(h), h),  # feed-forward (HF's chunking does not change the math)
-        scale=getattr(sa, "scaling", None), queries=queries, unpadded=unpadded)
+        scale=getattr(sa, "scaling", None), queries=queries, unpadded=unpadded, seqlens=seqlens)
 
 
 def _check_inputs(input_ids, attention_mask, token_type_ids, labels) -> None:

@@ -141,6 +141,14 @@ def test_lengths_give_the_kernel_seqlens_and_the_same_step(B, L, monkeypatch):
         model(ids, labels=labels, lengths=lengths)
     with pytest.raises(UserError, match="lengths shape"):
         model(ids, attention_mask=am, labels=labels, lengths=lengths[:1])
+    # an accelerated HF model takes them too
+    hf = mlmfast.accelerate(hf_model("bert"), backend="kernel")
+    ids, am, labels = hf_batch(hf, B, L, seed=4)
+    calls.clear()
+    masked = run(hf, input_ids=ids, attention_mask=am, labels=labels)
+    with_lengths = run(hf, input_ids=ids, attention_mask=am, labels=labels, lengths=am.sum(1))
+    assert ["key_padding_mask"] in calls and ["seqlens"] in calls
+    assert_same(with_lengths, masked)
 
 
 def test_bertformlm_return_logits_and_defaults(selection):
