@@ -374,8 +374,8 @@ def annotate(path: str, arch: int = 90) -> list[dict]:
         dropout = float(r.get("dropout", 0.0)) > 0
         orig = _with_config(K, r["kind"], K.KernelConfig(*r["config"]))
         try:
-            spec = next(sp for sp in C._specs(r["D"], {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}[
-                r["dtype"]], arch, [(False, dropout)]) if sp[0] == r["kind"])
+            dtype_name = str(DTYPES[r["dtype"]]).removeprefix("torch.")  # "bf16" -> "bfloat16"
+            spec = next(sp for sp in C._specs(r["D"], dtype_name, arch, [(False, dropout)]) if sp[0] == r["kind"])
             _, fn, sig, cx, opts, _, _ = spec
             ck = C._compile(fn, sig, cx, opts, arch)
             r["regs"], r["spill_bytes"] = C._ptxas_usage(ck.asm["ptx"], arch)

@@ -149,6 +149,8 @@ def build_path(path: str, cfg, state: dict[str, torch.Tensor], device: torch.dev
 
 def make_step(path: str, fn: Callable, opt, batches, device: torch.device) -> Callable[[int], torch.Tensor]:
     """step(i) on batch i % n with fn = the path's model (or its torch.compile); returns the loss (no sync)."""
+    from mlmfast.fast import unpads
+
     amp = autocast_dtype(device)
     n = len(batches)
     fast = path.startswith("mlmfast-fast")
@@ -160,8 +162,6 @@ def make_step(path: str, fn: Callable, opt, batches, device: torch.device) -> Ca
         # run on the real tokens only on a GPU and compiled too (fast.unpad_plan); the other fast paths run the
         # padded layout there.
         # As the trainer, only for a batch that unpads (a full batch, passed nothing, does not rebuild a graph).
-        from mlmfast.fast import unpads
-
         give = path.startswith("mlmfast-fast-unpad") and unpads(batches.tokens[j], batches.B, batches.L)
         return dict(num_tokens=batches.tokens[j]) if give else {}
 

@@ -138,7 +138,7 @@ def unpad_plan(keep: Optional[torch.Tensor], backend: str, num_tokens: Optional[
         if num_tokens is not None and num_tokens != count:
             raise UserError(f"num_tokens: expected the number of real (non-zero) attention_mask positions, "
                             f"{count}, got {num_tokens}")
-        if count > UNPAD_MAX_FILL * flat.numel():
+        if not unpads(count, B, L):
             return None
         return Unpadded(flat.nonzero().squeeze(1), B, L)
     if num_tokens is None or not unpads(num_tokens, B, L):
