@@ -19,10 +19,14 @@ Conventions:
     recomputed probability of that row exactly 0 in the backward (so they send exactly 0 gradient anywhere).
   * Precision: fp32 accumulation and softmax statistics; 16-bit inputs feed P and dS to the tensor cores in the
     input dtype; fp32 inputs use TF32 dots on the GPU (see `_dot_precision`).
-  * Dropout uses Philox-4x32-10 keyed by a 64-bit seed, with counter (i * cdiv(L, 8) + j // 8, b * H + h, 0, 0):
-    one call gives 8 draws of 16 bits for 8 consecutive keys of query i. A key is kept iff its draw is
-    >= round(p * 65536). The mask depends only on (seed, b, h, i, j, L): the backward regenerates it exactly,
-    and `dropout_mask()` returns it for tests.
+  * Dropout uses Philox-4x32-7 (7 rounds, as PyTorch's FlashAttention-2 dropout) keyed by a 64-bit seed. Write
+    query row i = 16 a + 8 h + r and key j = 16 g + 8 k + 2 q + s (r < 8, q < 4; h, k, s in {0, 1}). The call
+    with counter (((8 a + r) * cdiv(L, 16) + g) * 4 + q, b * H + h, 0, 0) returns 4 x 32 bits, cut into 8 draws
+    of 16 bits (word 2 h + k, low half for s = 0): one call serves rows i and i + 8 and the keys 2 q, 2 q + 1 of
+    two 8-key blocks, which are exactly the elements one thread holds in a tensor-core accumulator, so each
+    thread draws its own (see `_dropout_keep`). A weight is kept iff its draw is >= round(p * 65536). The mask
+    depends only on (seed, b, h, i, j, L): the backward regenerates it exactly, `dropout_mask()` returns it, and
+    `dropout_mask_reference()` recomputes it in plain PyTorch (a test checks they agree).
   * Deterministic: no atomics; each output element is written by one program in a fixed loop order.
   * No device-to-host synchronisation anywhere in forward or backward.
 
@@ -47,7 +51,7 @@ from ._launch import device_arch, on_device
 
 SUPPORTED_HEAD_DIMS = (16, 32, 64, 80, 96, 128)  # compile-checked; any D <= 128 runs (padded to a power of 2)
 MAX_HEAD_DIM = 128
-MAX_SEQ_LEN = 131072  # keeps the Philox counter i * cdiv(L, 8) + j // 8 within 32 bits
+MAX_SEQ_LEN = 131072  # keeps the Philox counter ((8 a + r) * cdiv(L, 16) + g) * 4 + q within 32 bits
 
 # Fill outputs with NaN before the kernels write them, so that an unwritten element cannot pass a test.
 # Tests switch it on; MLMFAST_POISON=1 switches it on for debugging.
@@ -135,26 +139,33 @@ def _block_ranges(lo, hi, BLOCK: tl.constexpr):
 def _dropout_keep(
     seed,  # int64 scalar: the Philox key
     bh,  # scalar b * H + h: Philox counter word c1
-    offs_m,  # [BLOCK_M] query indices i
-    start_n,  # first key index of the tile (a multiple of 8)
-    n_groups,  # cdiv(L, 8): groups of 8 keys per query row
+    start_m,  # first query row of the tile (a multiple of 16)
+    start_n,  # first key of the tile (a multiple of 16)
+    n_groups,  # cdiv(L, 16): groups of 16 keys per query row
     p_thresh,  # keep iff the 16-bit draw >= p_thresh = round(p_drop * 65536)
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,  # a multiple of 8
+    BLOCK_M: tl.constexpr,  # a multiple of 16
+    BLOCK_N: tl.constexpr,  # a multiple of 16
 ):
-    # Returns keep [BLOCK_M, BLOCK_N] (bool). One Philox-4x32 call per (i, j // 8) gives 4 x 32 bits, cut into
-    # 8 draws of 16 bits for the keys 8 * (j // 8) ... + 7. The order of the draws inside a group is whatever
-    # the joins below produce; it is the same in every kernel because they all call this function.
-    g = start_n // 8 + tl.arange(0, BLOCK_N // 8)  # [BLOCK_N / 8] key groups
+    # Returns keep [BLOCK_M, BLOCK_N] (bool) for the query rows start_m.. and keys start_n.. (see the module
+    # docstring for the draw layout). One Philox-4x32-7 call per (row pair, key group, q) gives 4 x 32 bits =
+    # 8 draws of 16 bits: draw 4 h + 2 k + s is for row 16 a + 8 h + r and key 16 g + 8 k + 2 q + s. This matches
+    # the MMA accumulator layout (a thread holds rows r and r + 8 of each 16 and the key pair 2 q, 2 q + 1 of
+    # each 8), so in the fwd and dQ tiles every thread computes exactly the draws of its own elements and no
+    # data moves between threads (the old layout, 8 consecutive keys per call, went through shared memory).
+    R: tl.constexpr = BLOCK_M // 16
+    G: tl.constexpr = BLOCK_N // 16
     # (n_groups and p_thresh may be constexprs: Triton specialises integer arguments equal to 1; no .to() on them)
-    c0 = offs_m.to(tl.uint32)[:, None] * n_groups + g.to(tl.uint32)[None, :]  # uint32 (C promotion rules)
+    pair = (start_m // 16 + tl.arange(0, R)).to(tl.uint32)[:, None] * 8 + tl.arange(0, 8).to(tl.uint32)[None, :]
+    g = (start_n // 16 + tl.arange(0, G)).to(tl.uint32)
+    q = tl.arange(0, 4).to(tl.uint32)
+    c0 = (pair[:, :, None, None] * n_groups + g[None, None, :, None]) * 4 + q[None, None, None, :]  # [R, 8, G, 4]
     c1 = tl.zeros_like(c0) + bh.to(tl.uint32)
     zero = tl.zeros_like(c0)
-    r0, r1, r2, r3 = tl.philox(seed, c0, c1, zero, zero)
-    r = tl.join(tl.join(r0, r1), tl.join(r2, r3))  # [BLOCK_M, BLOCK_N / 8, 2, 2] uint32
-    r = tl.join(r & 0xFFFF, r >> 16)  # [BLOCK_M, BLOCK_N / 8, 2, 2, 2] 16-bit draws
-    r = tl.reshape(r, (BLOCK_M, BLOCK_N))
-    return r >= p_thresh
+    r0, r1, r2, r3 = tl.philox(seed, c0, c1, zero, zero, 7)
+    w0 = tl.join(tl.join(r0 & 0xFFFF, r0 >> 16), tl.join(r1 & 0xFFFF, r1 >> 16))  # [R, 8, G, 4, s, k], h = 0
+    w1 = tl.join(tl.join(r2 & 0xFFFF, r2 >> 16), tl.join(r3 & 0xFFFF, r3 >> 16))  # h = 1
+    x = tl.permute(tl.join(w0, w1), (0, 6, 1, 2, 5, 3, 4))  # [R, h, 8 (r), G, k, 4 (q), s]
+    return tl.reshape(x, (BLOCK_M, BLOCK_N)) >= p_thresh
 
 
 @triton.jit
@@ -168,7 +179,7 @@ def _program_rows(
     # program positions [start, start + BLOCK) of head (b, h); a head's blocks run together. Returns b, h, bh,
     # start, offs [BLOCK], offs_d [BLOCK_D], kmask_base, ok [BLOCK] (the owned positions that are kept), the range
     # [other_lo, other_hi) of the other side to visit (empty when no owned position is kept), the dropout seed
-    # and n_groups = cdiv(L, 8) (see _dropout_keep).
+    # and n_groups = cdiv(L, 16) (see _dropout_keep).
     n_blocks = tl.cdiv(L, BLOCK)
     start = (tl.program_id(0) % n_blocks) * BLOCK
     bh = tl.program_id(0) // n_blocks
@@ -186,7 +197,7 @@ def _program_rows(
     seed = 0
     if DROPOUT:
         seed = tl.load(SEED)
-    n_groups = (L + 7) // 8
+    n_groups = (L + 15) // 16
     return b, h, bh, start, offs, offs_d, kmask_base, ok, other_lo, other_hi, seed, n_groups
 
 
@@ -197,7 +208,7 @@ def _attn_fwd_inner(
     k_base, v_base,  # K, V pointers at (b, h, 0, 0)
     stride_kl, stride_vl,  # row strides of K, V
     kmask_base,  # KMASK pointer at (b, 0)
-    offs_m, offs_d,  # [BLOCK_M] query indices, [BLOCK_D] head-dim indices
+    start_m, offs_d,  # first query row of the tile, [BLOCK_D] head-dim indices
     start, stop,  # key range [start, stop) visited in blocks of BLOCK_N (start is a multiple of BLOCK_N)
     kv_lo, kv_hi,  # kept keys lie in [kv_lo, kv_hi)
     qk_scale,  # softmax_scale * log2(e)
@@ -223,8 +234,10 @@ def _attn_fwd_inner(
         acc = acc * alpha[:, None]
         # (c) dropout: the normaliser l_i uses the undropped p; 1 / (1 - p_drop) is applied at the end
         if DROPOUT:
-            keep = _dropout_keep(seed, bh, offs_m, start_n, n_groups, p_thresh, BLOCK_M, BLOCK_N)
-            p = tl.where(keep, p, 0.0)
+            keep = _dropout_keep(seed, bh, start_m, start_n, n_groups, p_thresh, BLOCK_M, BLOCK_N)
+            # a multiply, not tl.where: a select here is moved past the cast to 16 bits and becomes ~2.5 integer
+            # instructions per element on packed halves (sm_90 SASS); this is 2 FP32 ones (p is finite, so the same)
+            p = p * keep.to(tl.float32)
         # (d) acc += P V
         v = _load_rows(v_base + offs_n[:, None] * stride_vl + offs_d[None, :], kv_ok, offs_d,
                        HEAD_DIM, BLOCK_D, MASKED)
@@ -272,15 +285,15 @@ def _attn_fwd_kernel(
     #    block (masked). Blocks outside [kv_lo, kv_hi) are never visited.
     first, full_lo, full_hi = _block_ranges(kv_lo, kv_hi, BLOCK_N)
     acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kl, stride_vl, kmask_base,
-                                    offs_m, offs_d, first, full_lo, kv_lo, kv_hi, qk_scale,
+                                    start_m, offs_d, first, full_lo, kv_lo, kv_hi, qk_scale,
                                     seed, bh, n_groups, p_thresh,
                                     HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, True, HAS_MASK, DROPOUT, DOT_PREC)
     acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kl, stride_vl, kmask_base,
-                                    offs_m, offs_d, full_lo, full_hi, kv_lo, kv_hi, qk_scale,
+                                    start_m, offs_d, full_lo, full_hi, kv_lo, kv_hi, qk_scale,
                                     seed, bh, n_groups, p_thresh,
                                     HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, HAS_MASK, HAS_MASK, DROPOUT, DOT_PREC)
     acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kl, stride_vl, kmask_base,
-                                    offs_m, offs_d, full_hi, kv_hi, kv_lo, kv_hi, qk_scale,
+                                    start_m, offs_d, full_hi, kv_hi, kv_lo, kv_hi, qk_scale,
                                     seed, bh, n_groups, p_thresh,
                                     HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, True, HAS_MASK, DROPOUT, DOT_PREC)
     # 4. Normalise; padded query rows get O = 0 and LSE = +inf.
@@ -354,8 +367,12 @@ def _attn_bwd_dkdv_inner(
         do = _load_rows(do_base + offs_m[:, None] * stride_dol + offs_d[None, :], q_ok, offs_d,
                         HEAD_DIM, BLOCK_D, MASKED)
         if DROPOUT:
-            keepT = tl.trans(_dropout_keep(seed, bh, offs_m, start_n, n_groups, p_thresh, BLOCK_M, BLOCK_N))
-            pdT = tl.where(keepT, pT * drop_scale, 0.0)
+            keepT = tl.trans(_dropout_keep(seed, bh, start_m, start_n, n_groups, p_thresh, BLOCK_M, BLOCK_N))
+            if do.dtype == tl.float32:  # no cast to 16 bits follows: a select is cheap (and fp32 D=128 spilled
+                pdT = tl.where(keepT, pT * drop_scale, 0.0)  # with the multiply under triton 3.6)
+            else:  # a multiply by Z^T, not a select: see _attn_fwd_inner (c)
+                zT = tl.where(keepT, drop_scale, 0.0)
+                pdT = pT * zT
         else:
             pdT = pT
         dv = tl.dot(pdT.to(do.dtype), do, dv, input_precision=DOT_PREC)
@@ -366,7 +383,10 @@ def _attn_bwd_dkdv_inner(
             delta = tl.load(delta_base + offs_m)
         dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)  # [BLOCK_N, BLOCK_M]
         if DROPOUT:
-            dpT = tl.where(keepT, dpT * drop_scale, 0.0)
+            if do.dtype == tl.float32:
+                dpT = tl.where(keepT, dpT * drop_scale, 0.0)
+            else:
+                dpT = dpT * zT
         dsT = pT * (dpT - delta[None, :])
         dk = tl.dot(dsT.to(q.dtype), q, dk, input_precision=DOT_PREC)
     return dk, dv
@@ -443,7 +463,7 @@ def _attn_bwd_dq_inner(
     k_base, v_base,  # K, V pointers at (b, h, 0, 0)
     stride_kl, stride_vl,  # row strides of K, V
     kmask_base,  # KMASK pointer at (b, 0)
-    offs_m, offs_d,  # [BLOCK_M] query indices, [BLOCK_D] head-dim indices
+    start_m, offs_d,  # first query row of the tile, [BLOCK_D] head-dim indices
     start, stop,  # key range [start, stop) visited in blocks of BLOCK_N
     kv_lo, kv_hi,  # kept keys lie in [kv_lo, kv_hi)
     qk_scale, drop_scale,  # softmax_scale * log2(e); 1 / (1 - p_drop)
@@ -466,7 +486,7 @@ def _attn_bwd_dq_inner(
                        HEAD_DIM, BLOCK_D, MASKED)
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)  # [BLOCK_M, BLOCK_N]
         if DROPOUT:
-            keep = _dropout_keep(seed, bh, offs_m, start_n, n_groups, p_thresh, BLOCK_M, BLOCK_N)
+            keep = _dropout_keep(seed, bh, start_m, start_n, n_groups, p_thresh, BLOCK_M, BLOCK_N)
             dp = tl.where(keep, dp * drop_scale, 0.0)
         ds = p * (dp - delta[:, None])
         dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PREC)
@@ -512,15 +532,15 @@ def _attn_bwd_dq_kernel(
     # 2. Key blocks, split as in the forward.
     first, full_lo, full_hi = _block_ranges(kv_lo, kv_hi, BLOCK_N)
     dq = _attn_bwd_dq_inner(dq, q, do, lse2, delta, k_base, v_base, stride_kl, stride_vl, kmask_base,
-                            offs_m, offs_d, first, full_lo, kv_lo, kv_hi, qk_scale, drop_scale,
+                            start_m, offs_d, first, full_lo, kv_lo, kv_hi, qk_scale, drop_scale,
                             seed, bh, n_groups, p_thresh,
                             HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, True, HAS_MASK, DROPOUT, DOT_PREC)
     dq = _attn_bwd_dq_inner(dq, q, do, lse2, delta, k_base, v_base, stride_kl, stride_vl, kmask_base,
-                            offs_m, offs_d, full_lo, full_hi, kv_lo, kv_hi, qk_scale, drop_scale,
+                            start_m, offs_d, full_lo, full_hi, kv_lo, kv_hi, qk_scale, drop_scale,
                             seed, bh, n_groups, p_thresh,
                             HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, HAS_MASK, HAS_MASK, DROPOUT, DOT_PREC)
     dq = _attn_bwd_dq_inner(dq, q, do, lse2, delta, k_base, v_base, stride_kl, stride_vl, kmask_base,
-                            offs_m, offs_d, full_hi, kv_hi, kv_lo, kv_hi, qk_scale, drop_scale,
+                            start_m, offs_d, full_hi, kv_hi, kv_lo, kv_hi, qk_scale, drop_scale,
                             seed, bh, n_groups, p_thresh,
                             HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, True, HAS_MASK, DROPOUT, DOT_PREC)
     # 3. Padded query rows get exactly 0.
@@ -547,7 +567,7 @@ def _dropout_mask_kernel(
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_n = start_n + tl.arange(0, BLOCK_N)
     # 2. The same draws as the attention kernels.
-    keep = _dropout_keep(tl.load(SEED), bh, offs_m, start_n, (L + 7) // 8, p_thresh, BLOCK_M, BLOCK_N)
+    keep = _dropout_keep(tl.load(SEED), bh, start_m, start_n, (L + 15) // 16, p_thresh, BLOCK_M, BLOCK_N)
     ptrs = KEEP + bh.to(tl.int64) * L * L + offs_m.to(tl.int64)[:, None] * L + offs_n[None, :]
     tl.store(ptrs, keep.to(tl.int8), mask=(offs_m[:, None] < L) & (offs_n[None, :] < L))
 
@@ -817,6 +837,26 @@ def dropout_mask(batch: int, heads: int, seq_len: int, dropout_p: float, seed, d
     with on_device(device):
         _dropout_mask_kernel[grid](keep, seed_t, heads, seq_len, _p_thresh(dropout_p), BLOCK_M=bm, BLOCK_N=bn)
     return keep.bool()
+
+
+def dropout_mask_reference(batch: int, heads: int, seq_len: int, dropout_p: float, seed: int) -> torch.Tensor:
+    """`dropout_mask()` recomputed in plain PyTorch on the CPU from the draw layout in the module docstring (an
+    independent check of the kernels' index arithmetic; O(B H L^2) Python-level tensor ops: small sizes)."""
+    from mlmfast.ops import philox4x32
+
+    B, H, L = batch, heads, seq_len
+    seed = int(seed) % 2**64
+    i = torch.arange(L).view(L, 1)
+    j = torch.arange(L).view(1, L)
+    a, h, r = i // 16, (i // 8) % 2, i % 8
+    g, k, q, s = j // 16, (j // 8) % 2, (j // 2) % 4, j % 2
+    c0 = ((8 * a + r) * ((L + 15) // 16) + g) * 4 + q  # [L, L]
+    bh = torch.arange(B * H).view(B * H, 1, 1)
+    words = philox4x32(c0, bh, 0, 0, seed & 0xFFFFFFFF, seed >> 32, rounds=7)  # 4 x [B H, L, L]
+    word = torch.stack(words)  # [4, B H, L, L]
+    w = torch.gather(word, 0, (2 * h + k).expand(B * H, L, L).unsqueeze(0)).squeeze(0)
+    draw = (w >> (16 * s)) & 0xFFFF
+    return (draw >= _p_thresh(dropout_p)).view(B, H, L, L)
 
 
 # =====================================================================================================

@@ -139,10 +139,15 @@ def _mulhilo(a: int, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def philox4x32_10(c0, c1, c2, c3, k0: int, k1: int) -> list[torch.Tensor]:
     """Philox4x32-10 on int64 tensors holding uint32 values (broadcast); the PyTorch twin of csrc/philox.h."""
+    return philox4x32(c0, c1, c2, c3, k0, k1, rounds=10)
+
+
+def philox4x32(c0, c1, c2, c3, k0: int, k1: int, rounds: int) -> list[torch.Tensor]:
+    """Philox4x32 with `rounds` rounds (Random123's round function and key schedule, as `tl.philox`)."""
     c = torch.broadcast_tensors(*[torch.as_tensor(x, dtype=torch.long) for x in (c0, c1, c2, c3)])
     c0, c1, c2, c3 = (x & _MASK32 for x in c)
     k0, k1 = k0 & _MASK32, k1 & _MASK32
-    for _ in range(10):
+    for _ in range(rounds):
         hi0, lo0 = _mulhilo(_M0, c0)
         hi1, lo1 = _mulhilo(_M1, c2)
         c0, c1, c2, c3 = hi1 ^ c1 ^ k0, lo1, hi0 ^ c3 ^ k1, lo0

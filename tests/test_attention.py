@@ -256,9 +256,24 @@ def test_dropout_keep_rate_and_seeds():
     # heads and rows get different draws (no repeated stream)
     assert not torch.equal(m[0, 0], m[0, 1]) and not torch.equal(m[0, 0], m[1, 0])
     assert not torch.equal(m[0, 0, 0], m[0, 0, 1])
-    # keep rate per column group of 8 (the 8 draws of one Philox call) is unbiased too
-    cols = m.float().mean(dim=(0, 1, 2))
-    assert (cols - (1 - p)).abs().max().item() < 6 * math.sqrt(p * (1 - p) / (B * H * L))
+    # keep rate per key column and per query row is unbiased too (each Philox call feeds 2 rows x 4 keys)
+    for rate in (m.float().mean(dim=(0, 1, 2)), m.float().mean(dim=(0, 1, 3))):
+        assert (rate - (1 - p)).abs().max().item() < 6 * math.sqrt(p * (1 - p) / (B * H * L))
+    # neighbours inside one Philox call (rows i, i + 8; keys j, j + 1, j + 8) and across calls agree as often as
+    # independent draws do (a draw shared by two elements would make them agree always)
+    same = p * p + (1 - p) * (1 - p)
+    for a, b in ((m[:, :, :-8], m[:, :, 8:]), (m[..., :-1], m[..., 1:]), (m[..., :-8], m[..., 8:]),
+                 (m[..., :-2], m[..., 2:]), (m[:, :, :-1], m[:, :, 1:])):
+        agree = (a == b).float().mean().item()
+        assert abs(agree - same) < 6 * math.sqrt(same * (1 - same) / a.numel()), agree
+
+
+@pytest.mark.parametrize("B,H,L,p,seed", [(1, 1, 1, 0.5, 3), (2, 3, 17, 0.2, 7), (1, 2, 127, 0.1, 2**40 + 5),
+                                          (1, 1, 129, 0.3, -9), (2, 1, 64, 0.9, 2**63 + 11)])
+def test_dropout_mask_matches_the_documented_draw_layout(B, H, L, p, seed):
+    """The kernels' mask equals a plain-PyTorch recomputation of the documented Philox-4x32-7 draw layout
+    (counter per row pair x 16-key group x quad): checks the kernels' index arithmetic independently."""
+    assert torch.equal(K.dropout_mask(B, H, L, p, seed, DEVICE).cpu(), K.dropout_mask_reference(B, H, L, p, seed))
 
 
 def test_dropout_same_seed_same_result():
