@@ -223,10 +223,10 @@ def _markdown(rows: list[dict]) -> str:
 
 def _targets(rows: list[dict]) -> str:
     """The issue's targets (bf16, D=64, L=512), one line per target and timing measured."""
-    def get(provider, mode, padding, timing):
+    def get(provider, mode, padding, timing, p=0.0):
         for r in rows:
             if (r["provider"], r["mode"], r["L"], r["D"], r["padding"], r["dtype"], _timing(r), _p(r)) == \
-                    (provider, mode, 512, 64, padding, "bf16", timing, 0.0):
+                    (provider, mode, 512, 64, padding, "bf16", timing, p):
                 return r
         return None
 
@@ -242,6 +242,16 @@ def _targets(rows: list[dict]) -> str:
         if a and b:
             sp = b["ms"] / a["ms"]
             lines.append(f"| {key} | {timing} | {TARGETS[key]:.0f}x | {sp:.2f}x | {'yes' if sp >= TARGETS[key] else 'NO'} |")
+        # no target, for the record: what attention dropout (BERT's 0.1, the training step's) costs
+        p = max((_p(r) for r in rows if r["provider"] == "mlmfast" and _timing(r) == timing), default=0.0)
+        a, b = get("mlmfast", "fwd+bwd", "none", timing, p), get("mlmfast", "fwd+bwd", "none", timing)
+        if p > 0 and a and b:
+            lines.append(f"| (info) dropout {p:g}: fwd+bwd time / dropout 0, no padding | {timing} | - | "
+                         f"{a['ms'] / b['ms']:.2f}x | - |")
+            c = get("sdpa", "fwd+bwd", "none", timing, p)
+            if c:
+                lines.append(f"| (info) dropout {p:g}: fwd+bwd speedup vs SDPA, no padding | {timing} | - | "
+                             f"{c['ms'] / a['ms']:.2f}x | - |")
     return "\n".join(lines) if len(lines) > 2 else ""
 
 

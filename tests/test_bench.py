@@ -193,6 +193,13 @@ def test_attention_bench_times_both_ways_and_reports_each(monkeypatch):
     assert "| half padded: speedup vs SDPA with mask (fwd+bwd) | graph | 3x | 4.00x | yes |" in t
     md = ba._markdown(rows)
     assert "| mlmfast | fwd+bwd | graph | 512 |" in md and md.count("4.00x") == 1 and md.count("1.25x") == 1
+    # with dropout rows: what dropout costs, and the speedup over SDPA with the same dropout (no target)
+    rows += [row("mlmfast", "fwd+bwd", "none", "graph", 0.5), dict(row("mlmfast", "fwd+bwd", "none", "graph", 0.6),
+             dropout=0.1), dict(row("sdpa", "fwd+bwd", "none", "graph", 0.9), dropout=0.1)]
+    t = ba._targets(rows)
+    assert "| (info) dropout 0.1: fwd+bwd time / dropout 0, no padding | graph | - | 1.20x | - |" in t
+    assert "| (info) dropout 0.1: fwd+bwd speedup vs SDPA, no padding | graph | - | 1.50x | - |" in t
+    assert "(info) dropout" not in t.split("| graph |")[0]  # the events rows have no dropout measurement
 
 
 def test_sweep_annotation_adds_registers_and_spills(tmp_path):
