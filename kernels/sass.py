@@ -51,7 +51,7 @@ def classify(opcode: str) -> str:
     for name, ops in _CLASSES.items():
         if base in ops:
             return name
-    return "uniform" if base.startswith("U") and base not in ("UNKNOWN",) else "other"
+    return "uniform" if base.startswith("U") else "other"  # U*: the uniform datapath (one value per warp)
 
 
 def _opcode(text: str) -> str:
