@@ -2,6 +2,7 @@
 
     python -m mlmfast.kernels.sass                       # D=64 bf16: fwd / dq / dkdv, with and without dropout
     python -m mlmfast.kernels.sass --head-dim 128 --dtype float16 --arch 80 --json mix.json
+    python -m mlmfast.kernels.sass --config dkdv=64,128,8,3     # another launch config, compared statically
 
 Each kernel is compiled as `compile_check` does (the launch configuration the host would pick), its cubin is
 disassembled with Triton's `nvdisasm`, and the loops are found as backward branches. For the key (or query)
@@ -128,14 +129,20 @@ def clocks_per_element(r: "LoopMix", head_dim: int, arch: int) -> dict[str, floa
     return out
 
 
-def loop_mix(kind: str, head_dim: int, dtype_name: str, arch: int, has_mask: bool, dropout: bool) -> LoopMix:
+def loop_mix(kind: str, head_dim: int, dtype_name: str, arch: int, has_mask: bool, dropout: bool,
+             config: Optional[tuple[int, int, int, int]] = None) -> LoopMix:
     """The unmasked inner loop of attention kernel `kind` ("fwd", "dq", "dkdv") -- the smallest loop of the
-    three the kernel has (partial first block, full blocks, partial last block)."""
+    three the kernel has (partial first block, full blocks, partial last block). config (BLOCK_M, BLOCK_N,
+    num_warps, num_stages) replaces the launch table's."""
+    from . import attention as A
     from . import compile_check as C
 
     for k, fn, sig, cx, opts, var, cfg in C._specs(head_dim, dtype_name, arch, [(has_mask, dropout)]):
         if k != kind:
             continue
+        if config is not None:
+            cfg = A.KernelConfig(*config)
+            cx, opts = dict(cx, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n), A.launch_options(cfg, arch)
         compiled = C._compile(fn, sig, cx, opts, arch)
         bodies = loops(disassemble(compiled.asm["cubin"]))
         if not bodies:
@@ -156,6 +163,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--dtype", default="bfloat16", choices=["float16", "bfloat16", "float32"])
     ap.add_argument("--arch", type=int, default=90)
     ap.add_argument("--mask", action="store_true", help="the key-padding-mask variant")
+    ap.add_argument("--config", action="append", default=[], metavar="KIND=BM,BN,W,S",
+                    help="compile kernel KIND (fwd / dq / dkdv) with this launch config instead of the table's, "
+                         "e.g. dkdv=64,128,8,3 (repeatable); multiples of 16")
     ap.add_argument("--json", help="also write the rows here")
     args = ap.parse_args(argv)
     import triton
@@ -166,9 +176,20 @@ def main(argv: Optional[list[str]] = None) -> int:
     print("| kernel | variant | config | instr | int | fp | mufu | mem | mma | instr / element | int / element "
           "| SM clk / element: tensor, int, fp, mufu |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    configs = {}
+    for item in args.config:
+        kind, _, spec = item.partition("=")
+        try:
+            cfg = tuple(int(x) for x in spec.split(","))
+        except ValueError:
+            cfg = ()
+        if kind not in ("fwd", "dq", "dkdv") or len(cfg) != 4 or cfg[0] % 16 or cfg[1] % 16:
+            ap.error(f"--config {item!r}: expected KIND=BM,BN,W,S with KIND fwd, dq or dkdv and BM, BN multiples "
+                     "of 16, e.g. dkdv=64,128,8,3")
+        configs[kind] = cfg
     for kind in ("fwd", "dq", "dkdv"):
         for dropout in (False, True):
-            r = loop_mix(kind, args.head_dim, args.dtype, args.arch, args.mask, dropout)
+            r = loop_mix(kind, args.head_dim, args.dtype, args.arch, args.mask, dropout, configs.get(kind))
             rows.append(r)
             c = r.classes
             clk = clocks_per_element(r, args.head_dim, args.arch)

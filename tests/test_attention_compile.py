@@ -58,3 +58,12 @@ def test_dropout_draws_stay_in_their_threads(tmp_path):
     for kind in ("fwd", "dq", "dkdv"):
         plain, drop = rows[kind, False], rows[kind, True]
         assert drop["classes"]["int"] * drop["warps"] / drop["tile"] > plain["classes"]["int"] * plain["warps"] / plain["tile"]
+
+
+def test_sass_tool_rejects_a_bad_config():
+    """`--config KIND=BM,BN,W,S`: one clear error naming the argument, before anything compiles."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    for bad in ("dkdv=64,120,8,3", "attn=64,128,8,3", "dq=64,64,4"):
+        proc = subprocess.run([sys.executable, "-m", "mlmfast.kernels.sass", "--config", bad], env=env,
+                              capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 2 and f"--config '{bad}': expected KIND=BM,BN,W,S" in proc.stderr, proc.stderr
