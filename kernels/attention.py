@@ -12,11 +12,13 @@ Conventions:
   * q, k, v, out, dq, dk, dv are [B, H, L, D] views with a unit stride on D; any other strides are honoured, so
     a [B, L, H, D] tensor passed as `x.transpose(1, 2)` costs no copy. Outputs take the layout of the input
     they belong to (see `_alloc_like`): [B, L, H, D] storage in, [B, L, H, D] storage out.
-  * Padding of row b is described by `bounds[b] = (lo, hi)` (kept positions lie in [lo, hi)) plus, when a
-    key_padding_mask is given, a per-position mask `kmask[b, j]`. A position is kept iff lo <= j < hi and
-    kmask[b, j]. Blocks outside [lo, hi) are skipped, not just masked, and padded positions are never read
-    (NaN there changes nothing). Padded query rows output exactly 0 and their LSE is +inf, which makes every
-    recomputed probability of that row exactly 0 in the backward (so they send exactly 0 gradient anywhere).
+  * Padding of row b is described by `bounds[b] = (lo, hi, holes)` (kept positions lie in [lo, hi)) plus, when
+    a key_padding_mask is given, a per-position mask `kmask[b, j]`. A position is kept iff lo <= j < hi and
+    kmask[b, j]; holes = 1 iff kmask drops a position inside [lo, hi), and only then do the fwd and dQ kernels'
+    full blocks read it (a runtime branch per program; dK/dV always reads it). Blocks outside [lo, hi) are skipped, not just masked, and padded positions are
+    never read (NaN there changes nothing). Padded query rows output exactly 0 and their LSE is +inf, which
+    makes every recomputed probability of that row exactly 0 in the backward (so they send exactly 0 gradient
+    anywhere).
   * Precision: fp32 accumulation and softmax statistics; 16-bit inputs feed P and dS to the tensor cores in the
     input dtype; fp32 inputs use TF32 dots on the GPU (see `_dot_precision`).
   * Dropout uses Philox-4x32-7 (7 rounds, as PyTorch's FlashAttention-2 dropout) keyed by a 64-bit seed. Write
@@ -178,15 +180,19 @@ def _program_rows(
     # The program prologue of all three attention kernels. The 1-D grid (no 65535 limit on B * H) gives the
     # program positions [start, start + BLOCK) of head (b, h); a head's blocks run together. Returns b, h, bh,
     # start, offs [BLOCK], offs_d [BLOCK_D], kmask_base, ok [BLOCK] (the owned positions that are kept), the range
-    # [other_lo, other_hi) of the other side to visit (empty when no owned position is kept), the dropout seed
-    # and n_groups = cdiv(L, 16) (see _dropout_keep).
+    # [other_lo, other_hi) of the other side to visit (empty when no owned position is kept), the dropout seed,
+    # n_groups = cdiv(L, 16) (see _dropout_keep) and holes (nonzero: the mask drops positions inside [lo, hi) of
+    # this row, so full blocks must read it; zero: they run unmasked, as without a mask).
     n_blocks = tl.cdiv(L, BLOCK)
     start = (tl.program_id(0) % n_blocks) * BLOCK
     bh = tl.program_id(0) // n_blocks
     b = bh // H
     h = bh % H
-    lo = tl.load(BOUNDS + 2 * b)
-    hi = tl.load(BOUNDS + 2 * b + 1)
+    lo = tl.load(BOUNDS + 3 * b)
+    hi = tl.load(BOUNDS + 3 * b + 1)
+    holes = 0
+    if HAS_MASK:
+        holes = tl.load(BOUNDS + 3 * b + 2)
     offs = start + tl.arange(0, BLOCK)
     offs_d = tl.arange(0, BLOCK_D)
     kmask_base = KMASK + b.to(tl.int64) * L
@@ -198,7 +204,7 @@ def _program_rows(
     if DROPOUT:
         seed = tl.load(SEED)
     n_groups = (L + 15) // 16
-    return b, h, bh, start, offs, offs_d, kmask_base, ok, other_lo, other_hi, seed, n_groups
+    return b, h, bh, start, offs, offs_d, kmask_base, ok, other_lo, other_hi, seed, n_groups, holes
 
 
 @triton.jit
@@ -251,7 +257,7 @@ def _attn_fwd_kernel(
     Q, K, V,  # [B, H, L, D] inputs, unit stride on D
     O,  # [B, H, L, D] output
     LSE,  # [B, H, L] fp32 output: natural-log sum of exp of the scaled scores; +inf on padded query rows
-    BOUNDS,  # [B, 2] int32: kept positions of row b lie in [lo, hi)
+    BOUNDS,  # [B, 3] int32: kept positions of row b lie in [lo, hi); holes = 1 if KMASK drops some of them
     KMASK,  # [B, L] int8: 1 = keep (read only when HAS_MASK)
     SEED,  # [1] int64: dropout seed (read only when DROPOUT)
     stride_qb, stride_qh, stride_ql,  # strides of Q (elements)
@@ -270,7 +276,7 @@ def _attn_fwd_kernel(
 ):
     # 1. The program owns query rows [start_m, start_m + BLOCK_M) of (b, h); a query block with no kept row
     #    visits no key block ([kv_lo, kv_hi) is empty).
-    b, h, bh, start_m, offs_m, offs_d, kmask_base, q_ok, kv_lo, kv_hi, seed, n_groups = _program_rows(
+    b, h, bh, start_m, offs_m, offs_d, kmask_base, q_ok, kv_lo, kv_hi, seed, n_groups, holes = _program_rows(
         BOUNDS, KMASK, SEED, H, L, BLOCK_M, BLOCK_D, HAS_MASK, DROPOUT)
     k_base = K + b.to(tl.int64) * stride_kb + h.to(tl.int64) * stride_kh
     v_base = V + b.to(tl.int64) * stride_vb + h.to(tl.int64) * stride_vh
@@ -288,10 +294,16 @@ def _attn_fwd_kernel(
                                     start_m, offs_d, first, full_lo, kv_lo, kv_hi, qk_scale,
                                     seed, bh, n_groups, p_thresh,
                                     HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, True, HAS_MASK, DROPOUT, DOT_PREC)
-    acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kl, stride_vl, kmask_base,
-                                    start_m, offs_d, full_lo, full_hi, kv_lo, kv_hi, qk_scale,
-                                    seed, bh, n_groups, p_thresh,
-                                    HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, HAS_MASK, HAS_MASK, DROPOUT, DOT_PREC)
+    if holes:  # the mask matters inside [kv_lo, kv_hi): full blocks read it
+        acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kl, stride_vl, kmask_base,
+                                        start_m, offs_d, full_lo, full_hi, kv_lo, kv_hi, qk_scale,
+                                        seed, bh, n_groups, p_thresh,
+                                        HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, True, True, DROPOUT, DOT_PREC)
+    else:  # no mask, or one that only pads outside [kv_lo, kv_hi): full blocks are all kept
+        acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kl, stride_vl, kmask_base,
+                                        start_m, offs_d, full_lo, full_hi, kv_lo, kv_hi, qk_scale,
+                                        seed, bh, n_groups, p_thresh,
+                                        HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, False, False, DROPOUT, DOT_PREC)
     acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_kl, stride_vl, kmask_base,
                                     start_m, offs_d, full_hi, kv_hi, kv_lo, kv_hi, qk_scale,
                                     seed, bh, n_groups, p_thresh,
@@ -397,7 +409,7 @@ def _attn_bwd_dkdv_kernel(
     Q, K, V, DO,  # [B, H, L, D] forward inputs and the gradient of the output
     DK, DV,  # [B, H, L, D] outputs
     LSE, DELTA,  # [B, H, L] fp32: forward LSE (+inf on padded rows), delta from the preprocess kernel
-    BOUNDS,  # [B, 2] int32: kept positions of row b lie in [lo, hi)
+    BOUNDS,  # [B, 3] int32: kept positions of row b lie in [lo, hi); holes = 1 if KMASK drops some of them
     KMASK,  # [B, L] int8: 1 = keep (read only when HAS_MASK)
     SEED,  # [1] int64: dropout seed (read only when DROPOUT)
     stride_qb, stride_qh, stride_ql,  # strides of Q
@@ -417,7 +429,7 @@ def _attn_bwd_dkdv_kernel(
 ):
     # 1. The program owns keys [start_n, start_n + BLOCK_N) of (b, h); a key block with no kept key visits no
     #    query block ([q_lo, q_hi) is empty; its dK, dV are 0).
-    b, h, bh, start_n, offs_n, offs_d, kmask_base, k_ok, q_lo, q_hi, seed, n_groups = _program_rows(
+    b, h, bh, start_n, offs_n, offs_d, kmask_base, k_ok, q_lo, q_hi, seed, n_groups, _holes = _program_rows(
         BOUNDS, KMASK, SEED, H, L, BLOCK_N, BLOCK_D, HAS_MASK, DROPOUT)
     k = _load_rows(K + b.to(tl.int64) * stride_kb + h.to(tl.int64) * stride_kh
                    + offs_n[:, None] * stride_kl + offs_d[None, :], k_ok, offs_d, HEAD_DIM, BLOCK_D, True)
@@ -436,6 +448,8 @@ def _attn_bwd_dkdv_kernel(
                                   kmask_base, start_n, offs_d, first, full_lo, q_lo, q_hi, qk_scale, drop_scale,
                                   seed, bh, n_groups, p_thresh,
                                   HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, True, HAS_MASK, DROPOUT, DOT_PREC)
+    # (full blocks read the mask whenever there is one: a second loop copy for rows without holes, as fwd and dQ
+    #  have, spilled registers in several dK/dV configs)
     dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, stride_ql, stride_dol, lse_base, delta_base,
                                   kmask_base, start_n, offs_d, full_lo, full_hi, q_lo, q_hi, qk_scale, drop_scale,
                                   seed, bh, n_groups, p_thresh,
@@ -498,7 +512,7 @@ def _attn_bwd_dq_kernel(
     Q, K, V, DO,  # [B, H, L, D] forward inputs and the gradient of the output
     DQ,  # [B, H, L, D] output
     LSE, DELTA,  # [B, H, L] fp32: forward LSE (+inf on padded rows), delta from the preprocess kernel
-    BOUNDS,  # [B, 2] int32: kept positions of row b lie in [lo, hi)
+    BOUNDS,  # [B, 3] int32: kept positions of row b lie in [lo, hi); holes = 1 if KMASK drops some of them
     KMASK,  # [B, L] int8: 1 = keep (read only when HAS_MASK)
     SEED,  # [1] int64: dropout seed (read only when DROPOUT)
     stride_qb, stride_qh, stride_ql,  # strides of Q
@@ -517,7 +531,7 @@ def _attn_bwd_dq_kernel(
 ):
     # 1. The program owns query rows [start_m, start_m + BLOCK_M) of (b, h) (padded rows are not read); a query
     #    block with no kept row visits no key block.
-    b, h, bh, start_m, offs_m, offs_d, kmask_base, q_ok, kv_lo, kv_hi, seed, n_groups = _program_rows(
+    b, h, bh, start_m, offs_m, offs_d, kmask_base, q_ok, kv_lo, kv_hi, seed, n_groups, holes = _program_rows(
         BOUNDS, KMASK, SEED, H, L, BLOCK_M, BLOCK_D, HAS_MASK, DROPOUT)
     q = _load_rows(Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
                    + offs_m[:, None] * stride_ql + offs_d[None, :], q_ok, offs_d, HEAD_DIM, BLOCK_D, True)
@@ -535,10 +549,16 @@ def _attn_bwd_dq_kernel(
                             start_m, offs_d, first, full_lo, kv_lo, kv_hi, qk_scale, drop_scale,
                             seed, bh, n_groups, p_thresh,
                             HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, True, HAS_MASK, DROPOUT, DOT_PREC)
-    dq = _attn_bwd_dq_inner(dq, q, do, lse2, delta, k_base, v_base, stride_kl, stride_vl, kmask_base,
-                            start_m, offs_d, full_lo, full_hi, kv_lo, kv_hi, qk_scale, drop_scale,
-                            seed, bh, n_groups, p_thresh,
-                            HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, HAS_MASK, HAS_MASK, DROPOUT, DOT_PREC)
+    if holes:  # see _attn_fwd_kernel
+        dq = _attn_bwd_dq_inner(dq, q, do, lse2, delta, k_base, v_base, stride_kl, stride_vl, kmask_base,
+                                start_m, offs_d, full_lo, full_hi, kv_lo, kv_hi, qk_scale, drop_scale,
+                                seed, bh, n_groups, p_thresh,
+                                HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, True, True, DROPOUT, DOT_PREC)
+    else:
+        dq = _attn_bwd_dq_inner(dq, q, do, lse2, delta, k_base, v_base, stride_kl, stride_vl, kmask_base,
+                                start_m, offs_d, full_lo, full_hi, kv_lo, kv_hi, qk_scale, drop_scale,
+                                seed, bh, n_groups, p_thresh,
+                                HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, False, False, DROPOUT, DOT_PREC)
     dq = _attn_bwd_dq_inner(dq, q, do, lse2, delta, k_base, v_base, stride_kl, stride_vl, kmask_base,
                             start_m, offs_d, full_hi, kv_hi, kv_lo, kv_hi, qk_scale, drop_scale,
                             seed, bh, n_groups, p_thresh,
@@ -757,7 +777,7 @@ def _strides3(x: torch.Tensor) -> tuple[int, int, int]:
 def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bounds: torch.Tensor,
                       kmask: Optional[torch.Tensor], seed: Optional[torch.Tensor], dropout_p: float,
                       softmax_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Launch the forward kernel. q, k, v [B, H, L, D]; bounds [B, 2] int32; kmask [B, L] int8 or None;
+    """Launch the forward kernel. q, k, v [B, H, L, D]; bounds [B, 3] int32 (padding_bounds); kmask [B, L] int8 or None;
     seed [1] int64 (needed when dropout_p > 0). Returns (out [B, H, L, D] in q's layout, lse [B, H, L] fp32)."""
     B, H, L, D = q.shape
     q, k, v = _unit_last_stride(q), _unit_last_stride(k), _unit_last_stride(v)
@@ -774,7 +794,7 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bounds:
         _attn_fwd_kernel[grid](
             q, k, v, out, lse, bounds,
             kmask if kmask is not None else bounds.view(torch.int8),
-            seed if dropout else bounds.view(torch.int64),
+            seed if dropout else bounds.view(-1)[:2].view(torch.int64),
             *_strides3(q), *_strides3(k), *_strides3(v), *_strides3(out),
             H, L, float(softmax_scale), 1.0 / (1.0 - dropout_p), _p_thresh(dropout_p),
             HEAD_DIM=D, BLOCK_D=block_d(D), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
@@ -800,7 +820,7 @@ def attention_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: to
     dropout = dropout_p > 0.0
     arch = device_arch(q.device)
     kmask_arg = kmask if kmask is not None else bounds.view(torch.int8)
-    seed_arg = seed if dropout else bounds.view(torch.int64)
+    seed_arg = seed if dropout else bounds.view(-1)[:2].view(torch.int64)
     common = dict(HEAD_DIM=D, BLOCK_D=block_d(D), HAS_MASK=kmask is not None, DROPOUT=dropout,
                   DOT_PREC=_dot_precision(q.dtype))
     scalars = (H, L, float(softmax_scale), 1.0 / (1.0 - dropout_p), _p_thresh(dropout_p))
@@ -947,16 +967,20 @@ def _plain_eager(*tensors: torch.Tensor) -> bool:
 def padding_bounds(batch: int, seq_len: int, seqlens: Optional[torch.Tensor],
                    key_padding_mask: Optional[torch.Tensor],
                    device: torch.device) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """(bounds [B, 2] int32, kmask [B, L] int8 or None) from seqlens and/or a key-padding mask (True = keep).
+    """(bounds [B, 3] int32, kmask [B, L] int8 or None) from seqlens and/or a key-padding mask (True = keep).
 
-    With a mask, [lo, hi) spans its first to last kept position (device reductions, no host sync) and the mask
-    itself goes to the kernels, so any pattern (left padding, holes) is exact; blocks outside [lo, hi) are skipped.
+    bounds[b] = (lo, hi, holes). With a mask, [lo, hi) spans its first to last kept position (device reductions,
+    no host sync) and the mask itself goes to the kernels, so any pattern (left padding, holes) is exact; blocks
+    outside [lo, hi) are skipped. holes = 1 when the mask drops a position inside [lo, hi): only then do the fwd
+    and dQ kernels read it in full blocks, so a right- or left-padded mask (HF's usual attention_mask) runs their
+    unmasked blocks, as `seqlens` does (dK/dV reads it whenever it is given). Without a mask, holes = 0.
     """
     if seqlens is not None:
         hi = seqlens.to(device=device, dtype=torch.int32).clamp(0, seq_len)
     else:
         hi = torch.full((batch,), seq_len, dtype=torch.int32, device=device)
     lo = torch.zeros_like(hi)
+    holes = torch.zeros_like(hi)
     kmask = None
     if key_padding_mask is not None:
         keep = key_padding_mask.to(device=device) != 0
@@ -967,8 +991,9 @@ def padding_bounds(batch: int, seq_len: int, seqlens: Optional[torch.Tensor],
         lo = torch.where(keep, idx, seq_len).amin(dim=1).to(torch.int32)
         lo = torch.minimum(lo, hi)  # a row with no kept position: [0, 0)
         lo = torch.where(hi == 0, 0, lo).to(torch.int32)
+        holes = (keep.sum(dim=1, dtype=torch.int32) != hi - lo).to(torch.int32)
         kmask = keep.to(torch.int8).contiguous()
-    return torch.stack([lo, hi], dim=1).contiguous(), kmask
+    return torch.stack([lo, hi, holes], dim=1).contiguous(), kmask
 
 
 _BOUNDS_CACHE: list = []  # at most one entry: (seqlens, key_padding_mask, (B, L, device, their versions), result)

@@ -19,7 +19,9 @@ Semantics (both paths):
   * softmax_scale defaults to 1 / sqrt(D).
   * Precision (kernel): fp32 accumulation; fp32 inputs use TF32 dots on the GPU (about 1e-3 relative error,
     like torch.backends.cuda.matmul.allow_tf32); under the CPU interpreter everything is fp32.
-  * Padding given as right padding is cheapest as `seqlens`; a key_padding_mask costs a mask load per block.
+  * A key_padding_mask that only pads (right or left, no holes inside a row's kept span) runs the same unmasked
+    full blocks as `seqlens` (a per-row device flag; no host sync); only rows with holes read the mask in full
+    blocks. `seqlens` still saves the mask loads of the partial blocks and gets larger tiles at some head dims.
   * Under torch.compile an int seed is a graph constant (a new value recompiles); pass a seed tensor or None.
 """
 from __future__ import annotations

@@ -19,7 +19,7 @@ Padding: on the CPU the encoder's dense ops skip padded positions by themselves;
 torch.compile they do when the call passes `num_tokens=` (the number of attention_mask positions that are not
 0, counted on the host copy of the batch, e.g. `int(batch["attention_mask"].sum())` before `.to("cuda")`).
 Right padding (HF's default): `lengths=attention_mask.sum(1)` lets the fused attention take row lengths instead
-of a per-key mask.
+of a per-key mask (a mask without holes already runs its unmasked blocks; the lengths save the edge loads).
 What does not change: the weights are the model's own Parameters (no copy), so optimizers, save_pretrained,
 from_pretrained, state_dict and tied embeddings behave as before. Dropout modules are HF's.
 

@@ -238,6 +238,45 @@ def test_dropout_matches_reference_with_same_mask(dtype):
              seed=2024)
 
 
+def test_padding_bounds_flag_rows_whose_mask_has_holes():
+    """bounds[b] = (lo, hi, holes): holes = 1 only when the mask drops a position inside [lo, hi) (then the
+    kernels read it in full blocks); right / left padding, full and empty rows have none."""
+    L = 40
+    mask = torch.zeros(5, L, dtype=torch.bool)
+    mask[0, :30] = True  # right padding
+    mask[1, 10:] = True  # left padding
+    mask[2, 5:35] = True
+    mask[2, 20] = False  # a hole
+    mask[4] = True  # row 3: all padding; row 4: full
+    bounds, kmask = K.padding_bounds(5, L, None, mask.to(DEVICE), torch.device(DEVICE))
+    assert bounds.tolist() == [[0, 30, 0], [10, 40, 0], [5, 35, 1], [0, 0, 0], [0, 40, 0]]
+    assert torch.equal(kmask.cpu().bool(), mask)
+    # seqlens cut the rows first: row 2's hole lies past its length 20 -> none left; row 0 cut to 25
+    bounds, _ = K.padding_bounds(5, L, torch.tensor([25, 40, 20, 40, 40]), mask.to(DEVICE), torch.device(DEVICE))
+    assert bounds.tolist() == [[0, 25, 0], [10, 40, 0], [5, 20, 0], [0, 0, 0], [0, 40, 0]]
+    bounds, kmask = K.padding_bounds(5, L, torch.tensor([25, 40, 20, 40, 40]), None, torch.device(DEVICE))
+    assert kmask is None and bounds[:, 2].tolist() == [0] * 5
+
+
+@pytest.mark.parametrize("dropout_p", [0.0, 0.3])
+def test_a_padding_only_mask_runs_like_seqlens(dropout_p):
+    """A right-padded key_padding_mask (holes = 0) takes the seqlens path in full blocks: the same output and
+    gradients, bit for bit, as passing the lengths, with and without dropout; a mask with a hole in a full block
+    still matches the fp64 reference (the kernels read it there)."""
+    B, H, L, D = 3, 2, 129, 32
+    q, k, v = _inputs(B, H, L, D, torch.float32)
+    do = torch.randn(B, H, L, D, generator=torch.Generator().manual_seed(5)).to(DEVICE)
+    lens = torch.tensor([129, 70, 17])
+    mask = torch.arange(L)[None, :] < lens[:, None]
+    a = _run(attention, q, k, v, do, key_padding_mask=mask.to(DEVICE), dropout_p=dropout_p, seed=11)
+    b = _run(attention, q, k, v, do, seqlens=lens.to(DEVICE), dropout_p=dropout_p, seed=11)
+    for x, y in zip(a, b):
+        assert torch.equal(x, y)
+    holed = mask.clone()
+    holed[0, 64:80] = False  # a hole spanning whole 16-key blocks in the middle of row 0
+    _compare(B, H, L, D, torch.float32, key_padding_mask=holed.to(DEVICE), dropout_p=dropout_p, seed=11)
+
+
 def test_dropout_tiny_shapes():
     """L = 1 and H = 1 (integer arguments equal to 1 become constexprs when the GPU JIT compiles)."""
     _compare(2, 1, 1, 16, torch.float32, data_seed=9, dropout_p=0.5, seed=1)
@@ -555,7 +594,7 @@ def test_gpu_cuda_graph_capture_with_a_reused_mask(cuda_device):
     other[0, 5:] = False
     for _ in range(3):  # evict whatever is cached
         attention(q, k, v, key_padding_mask=other.clone())
-    # then take the small blocks a freed bounds [B, 2] / mask [B, L] tensor would have left, and fill them
+    # then take the small blocks a freed bounds [B, 3] / mask [B, L] tensor would have left, and fill them
     junk = [torch.full((B, L), 7, dtype=torch.int32, device="cuda") for _ in range(64)]
     graph.replay()
     torch.cuda.synchronize()
