@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import subprocess
 import sys
 from typing import Callable, Optional
 
@@ -431,9 +430,11 @@ def main(argv: Optional[list[str]] = None) -> int:
                     help="add registers / spills (sm_90, this machine's triton, no GPU) to a --sweep JSON")
     args = ap.parse_args(argv)
     if args.annotate:
-        if os.environ.get("TRITON_INTERPRET") == "1":  # kernels would be interpreter objects, not compilable
-            env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-            return subprocess.call([sys.executable, os.path.abspath(__file__), "--annotate", args.annotate], env=env)
+        from mlmfast.kernels.compile_check import rerun_without_interpreter
+
+        rc = rerun_without_interpreter([sys.executable, os.path.abspath(__file__), "--annotate", args.annotate])
+        if rc is not None:
+            return rc
         annotate(args.annotate)
         return 0
     if not torch.cuda.is_available():

@@ -15,10 +15,10 @@ Conventions:
   * Padding of row b is described by `bounds[b] = (lo, hi, holes)` (kept positions lie in [lo, hi)) plus, when
     a key_padding_mask is given, a per-position mask `kmask[b, j]`. A position is kept iff lo <= j < hi and
     kmask[b, j]; holes = 1 iff kmask drops a position inside [lo, hi), and only then do the fwd and dQ kernels'
-    full blocks read it (a runtime branch per program; dK/dV always reads it). Blocks outside [lo, hi) are skipped, not just masked, and padded positions are
-    never read (NaN there changes nothing). Padded query rows output exactly 0 and their LSE is +inf, which
-    makes every recomputed probability of that row exactly 0 in the backward (so they send exactly 0 gradient
-    anywhere).
+    full blocks read it (a runtime branch per program; dK/dV always reads it). Blocks outside [lo, hi) are
+    skipped, not just masked, and padded positions are never read (NaN there changes nothing). Padded query rows
+    output exactly 0 and their LSE is +inf, which makes every recomputed probability of that row exactly 0 in
+    the backward (so they send exactly 0 gradient anywhere).
   * Precision: fp32 accumulation and softmax statistics; 16-bit inputs feed P and dS to the tensor cores in the
     input dtype; fp32 inputs use TF32 dots on the GPU (see `_dot_precision`).
   * Dropout uses Philox-4x32-7 (7 rounds, as PyTorch's FlashAttention-2 dropout) keyed by a 64-bit seed. Write
@@ -774,11 +774,20 @@ def _strides3(x: torch.Tensor) -> tuple[int, int, int]:
     return x.stride(0), x.stride(1), x.stride(2)
 
 
+def _mask_seed_args(bounds: torch.Tensor, kmask: Optional[torch.Tensor], seed: Optional[torch.Tensor],
+                    dropout: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The KMASK and SEED kernel arguments: the tensors, or (without a mask / dropout, when the kernels never read
+    them) views of `bounds` of the right dtypes as placeholders."""
+    return (kmask if kmask is not None else bounds.view(torch.int8),
+            seed if dropout else bounds.view(-1)[:2].view(torch.int64))
+
+
 def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bounds: torch.Tensor,
                       kmask: Optional[torch.Tensor], seed: Optional[torch.Tensor], dropout_p: float,
                       softmax_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Launch the forward kernel. q, k, v [B, H, L, D]; bounds [B, 3] int32 (padding_bounds); kmask [B, L] int8 or None;
-    seed [1] int64 (needed when dropout_p > 0). Returns (out [B, H, L, D] in q's layout, lse [B, H, L] fp32)."""
+    """Launch the forward kernel. q, k, v [B, H, L, D]; bounds [B, 3] int32 (padding_bounds); kmask [B, L] int8
+    or None; seed [1] int64 (needed when dropout_p > 0). Returns (out [B, H, L, D] in q's layout,
+    lse [B, H, L] fp32)."""
     B, H, L, D = q.shape
     q, k, v = _unit_last_stride(q), _unit_last_stride(k), _unit_last_stride(v)
     out = _alloc_like(q)
@@ -792,9 +801,7 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bounds:
     grid = (triton.cdiv(L, cfg.block_m) * B * H,)
     with on_device(q.device):
         _attn_fwd_kernel[grid](
-            q, k, v, out, lse, bounds,
-            kmask if kmask is not None else bounds.view(torch.int8),
-            seed if dropout else bounds.view(-1)[:2].view(torch.int64),
+            q, k, v, out, lse, bounds, *_mask_seed_args(bounds, kmask, seed, dropout),
             *_strides3(q), *_strides3(k), *_strides3(v), *_strides3(out),
             H, L, float(softmax_scale), 1.0 / (1.0 - dropout_p), _p_thresh(dropout_p),
             HEAD_DIM=D, BLOCK_D=block_d(D), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
@@ -819,8 +826,7 @@ def attention_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: to
         return dq, dk, dv
     dropout = dropout_p > 0.0
     arch = device_arch(q.device)
-    kmask_arg = kmask if kmask is not None else bounds.view(torch.int8)
-    seed_arg = seed if dropout else bounds.view(-1)[:2].view(torch.int64)
+    kmask_arg, seed_arg = _mask_seed_args(bounds, kmask, seed, dropout)
     common = dict(HEAD_DIM=D, BLOCK_D=block_d(D), HAS_MASK=kmask is not None, DROPOUT=dropout,
                   DOT_PREC=_dot_precision(q.dtype))
     scalars = (H, L, float(softmax_scale), 1.0 / (1.0 - dropout_p), _p_thresh(dropout_p))

@@ -291,11 +291,20 @@ def _row(r: Result) -> str:
             f"{r.smem if r.smem is not None else '-'} | {r.mma} | {r.seconds:.1f} | {status} |")
 
 
+def rerun_without_interpreter(cmd: list[str]) -> Optional[int]:
+    """With TRITON_INTERPRET on in this process (kernels would be interpreter objects, not compilable), run `cmd`
+    without it and return its exit code; otherwise None (go on here)."""
+    if os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+        return None
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    return subprocess.call(cmd, env=env)
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
-        env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-        return subprocess.call([sys.executable, "-m", "mlmfast.kernels.compile_check", *argv], env=env)
+    rc = rerun_without_interpreter([sys.executable, "-m", "mlmfast.kernels.compile_check", *argv])
+    if rc is not None:
+        return rc
     from mlmfast.kernels.attention import SUPPORTED_HEAD_DIMS
 
     ap = argparse.ArgumentParser(prog="python -m mlmfast.kernels.compile_check", description=__doc__.split("\n")[0])

@@ -155,9 +155,11 @@ def loop_mix(kind: str, head_dim: int, dtype_name: str, arch: int, has_mask: boo
 
 def main(argv: Optional[list[str]] = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
-        env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-        return subprocess.call([sys.executable, "-m", "mlmfast.kernels.sass", *argv], env=env)
+    from .compile_check import rerun_without_interpreter
+
+    rc = rerun_without_interpreter([sys.executable, "-m", "mlmfast.kernels.sass", *argv])
+    if rc is not None:
+        return rc
     ap = argparse.ArgumentParser(prog="python -m mlmfast.kernels.sass", description=__doc__.split("\n")[0])
     ap.add_argument("--head-dim", type=int, default=64)
     ap.add_argument("--dtype", default="bfloat16", choices=["float16", "bfloat16", "float32"])

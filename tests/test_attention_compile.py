@@ -18,9 +18,15 @@ DEFAULT = ["--arch", "90", "80"]  # every head dim and dtype (compile_check's de
 FULL = ["--arch", "90", "80", "--all-variants"]
 
 
-def test_kernels_compile_without_spills():
+def _compile_env() -> dict:
+    """This environment without TRITON_INTERPRET (the subprocess must compile, not interpret)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # silence triton 3.9's notice; the default it keeps
+    return env
+
+
+def test_kernels_compile_without_spills():
+    env = _compile_env()
     args = FULL if os.environ.get("MLMFAST_FULL_COMPILE_CHECK") == "1" else DEFAULT
     proc = subprocess.run([sys.executable, "-m", "mlmfast.kernels.compile_check", *args, "--jobs", "2"], env=env,
                           capture_output=True, text=True, timeout=3600)
@@ -42,8 +48,7 @@ def test_dropout_draws_stay_in_their_threads(tmp_path):
     of the keep mask to every iteration (the previous one did: 58 vs 18 memory instructions in the fwd loop)."""
     import json
 
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    env = _compile_env()
     out = tmp_path / "mix.json"
     proc = subprocess.run([sys.executable, "-m", "mlmfast.kernels.sass", "--json", str(out)], env=env,
                           capture_output=True, text=True, timeout=1800)
@@ -55,14 +60,16 @@ def test_dropout_draws_stay_in_their_threads(tmp_path):
         assert drop["classes"]["mem"] == plain["classes"]["mem"], (kind, plain, drop)
         assert drop["classes"]["mma"] == plain["classes"]["mma"], (kind, plain, drop)
     # and every dropout variant really draws: more integer work per element than its plain twin
+    def int_per_element(r):
+        return r["classes"]["int"] * r["warps"] / r["tile"]
+
     for kind in ("fwd", "dq", "dkdv"):
-        plain, drop = rows[kind, False], rows[kind, True]
-        assert drop["classes"]["int"] * drop["warps"] / drop["tile"] > plain["classes"]["int"] * plain["warps"] / plain["tile"]
+        assert int_per_element(rows[kind, True]) > int_per_element(rows[kind, False]), kind
 
 
 def test_sass_tool_rejects_a_bad_config():
     """`--config KIND=BM,BN,W,S`: one clear error naming the argument, before anything compiles."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env = _compile_env()
     for bad in ("dkdv=64,120,8,3", "attn=64,128,8,3", "dq=64,64,4"):
         proc = subprocess.run([sys.executable, "-m", "mlmfast.kernels.sass", "--config", bad], env=env,
                               capture_output=True, text=True, timeout=120)
