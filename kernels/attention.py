@@ -345,6 +345,16 @@ def _attn_bwd_preprocess_kernel(
 
 
 @triton.jit
+def _load_delta(delta_base, offs_m, q_ok, MASKED: tl.constexpr):
+    # delta of query rows offs_m (0 on rows that are not kept)
+    if MASKED:
+        delta = tl.load(delta_base + offs_m, mask=q_ok, other=0.0)
+    else:
+        delta = tl.load(delta_base + offs_m)
+    return delta
+
+
+@triton.jit
 def _attn_bwd_dkdv_inner(
     dk, dv,  # [BLOCK_N, BLOCK_D] fp32 accumulators
     k, v,  # [BLOCK_N, BLOCK_D] this program's key and value tiles
@@ -355,7 +365,7 @@ def _attn_bwd_dkdv_inner(
     start_n, offs_d,  # first key of this program's block, [BLOCK_D] head-dim indices
     start, stop,  # query range [start, stop) visited in blocks of BLOCK_M
     q_lo, q_hi,  # kept query rows lie in [q_lo, q_hi)
-    qk_scale, drop_scale,  # softmax_scale * log2(e); 1 / (1 - p_drop)
+    qk_scale, inv_scale, drop_scale,  # softmax_scale * log2(e); 1 / softmax_scale; 1 / (1 - p_drop)
     seed, bh, n_groups, p_thresh,  # dropout (see _dropout_keep)
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     MASKED: tl.constexpr,  # check which query rows are kept (False: all rows of the range are kept)
@@ -370,12 +380,15 @@ def _attn_bwd_dkdv_inner(
         q = _load_rows(q_base + offs_m[:, None] * stride_ql + offs_d[None, :], q_ok, offs_d,
                        HEAD_DIM, BLOCK_D, MASKED)
         if MASKED:
-            lse2 = tl.load(lse_base + offs_m, mask=q_ok, other=float("inf")) * 1.4426950408889634
+            lse = tl.load(lse_base + offs_m, mask=q_ok, other=float("inf"))
         else:
-            lse2 = tl.load(lse_base + offs_m) * 1.4426950408889634
-        qkT = tl.dot(k, tl.trans(q), input_precision=DOT_PREC)  # [BLOCK_N, BLOCK_M]
-        pT = tl.exp2(qkT * qk_scale - lse2[None, :])
-        # (b) dV += (P o Z)^T dO
+            lse = tl.load(lse_base + offs_m)
+        # the product accumulates onto -LSE / scale, so P^T = 2^(acc * scale * log2 e): the [BLOCK_M] LSE vector
+        # is dead once it is in the accumulator (fewer registers while the product runs)
+        qkT = tl.dot(k, tl.trans(q), tl.broadcast_to(-(lse * inv_scale)[None, :], (BLOCK_N, BLOCK_M)),
+                     input_precision=DOT_PREC)  # [BLOCK_N, BLOCK_M]
+        pT = tl.exp2(qkT * qk_scale)
+        # (b) dV += (P o Z)^T dO;  dP^T = (V dO^T) o Z^T;  dS^T = P^T o (dP^T - delta);  dK += dS^T Q
         do = _load_rows(do_base + offs_m[:, None] * stride_dol + offs_d[None, :], q_ok, offs_d,
                         HEAD_DIM, BLOCK_D, MASKED)
         if DROPOUT:
@@ -385,22 +398,25 @@ def _attn_bwd_dkdv_inner(
             else:  # a multiply by Z^T, not a select: see _attn_fwd_inner (c)
                 zT = tl.where(keepT, drop_scale, 0.0)
                 pdT = pT * zT
-        else:
-            pdT = pT
-        dv = tl.dot(pdT.to(do.dtype), do, dv, input_precision=DOT_PREC)
-        # (c) dP^T = (V dO^T) o Z^T;  dS^T = P^T o (dP^T - delta);  dK += dS^T Q
-        if MASKED:
-            delta = tl.load(delta_base + offs_m, mask=q_ok, other=0.0)
-        else:
-            delta = tl.load(delta_base + offs_m)
-        dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)  # [BLOCK_N, BLOCK_M]
-        if DROPOUT:
+            dv = tl.dot(pdT.to(do.dtype), do, dv, input_precision=DOT_PREC)
+            delta = _load_delta(delta_base, offs_m, q_ok, MASKED)
+            dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)  # [BLOCK_N, BLOCK_M]
             if do.dtype == tl.float32:
                 dpT = tl.where(keepT, dpT * drop_scale, 0.0)
             else:
                 dpT = dpT * zT
-        dsT = pT * (dpT - delta[None, :])
-        dk = tl.dot(dsT.to(q.dtype), q, dk, input_precision=DOT_PREC)
+            dsT = pT * (dpT - delta[None, :])
+            dk = tl.dot(dsT.to(q.dtype), q, dk, input_precision=DOT_PREC)
+        else:
+            # Without dropout dP^T accumulates onto -delta (as the scores onto -LSE / scale) and comes before the
+            # dV product, so that P^T's 16-bit copy (an operand of that asynchronous product) is not live while
+            # dP^T is computed. Both cut registers at the peak: the 4-warp tiles that measured fastest on the
+            # H200 spilled without them (dkdv D=64 128x64 w4: 748 bytes) and fit now.
+            delta = _load_delta(delta_base, offs_m, q_ok, MASKED)
+            dsT = pT * tl.dot(v, tl.trans(do), tl.broadcast_to(-delta[None, :], (BLOCK_N, BLOCK_M)),
+                              input_precision=DOT_PREC)
+            dk = tl.dot(dsT.to(q.dtype), q, dk, input_precision=DOT_PREC)
+            dv = tl.dot(pT.to(do.dtype), do, dv, input_precision=DOT_PREC)
     return dk, dv
 
 
@@ -442,21 +458,22 @@ def _attn_bwd_dkdv_kernel(
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     qk_scale = sm_scale * 1.4426950408889634
+    inv_scale = 1.0 / sm_scale
     # 2. Query blocks: partial first (masked), full (unmasked unless HAS_MASK), partial last (masked).
     first, full_lo, full_hi = _block_ranges(q_lo, q_hi, BLOCK_M)
     dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, stride_ql, stride_dol, lse_base, delta_base,
-                                  kmask_base, start_n, offs_d, first, full_lo, q_lo, q_hi, qk_scale, drop_scale,
-                                  seed, bh, n_groups, p_thresh,
+                                  kmask_base, start_n, offs_d, first, full_lo, q_lo, q_hi, qk_scale, inv_scale,
+                                  drop_scale, seed, bh, n_groups, p_thresh,
                                   HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, True, HAS_MASK, DROPOUT, DOT_PREC)
     # (full blocks read the mask whenever there is one: a second loop copy for rows without holes, as fwd and dQ
     #  have, spilled registers in several dK/dV configs)
     dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, stride_ql, stride_dol, lse_base, delta_base,
-                                  kmask_base, start_n, offs_d, full_lo, full_hi, q_lo, q_hi, qk_scale, drop_scale,
-                                  seed, bh, n_groups, p_thresh,
+                                  kmask_base, start_n, offs_d, full_lo, full_hi, q_lo, q_hi, qk_scale, inv_scale,
+                                  drop_scale, seed, bh, n_groups, p_thresh,
                                   HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, HAS_MASK, HAS_MASK, DROPOUT, DOT_PREC)
     dk, dv = _attn_bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, stride_ql, stride_dol, lse_base, delta_base,
-                                  kmask_base, start_n, offs_d, full_hi, q_hi, q_lo, q_hi, qk_scale, drop_scale,
-                                  seed, bh, n_groups, p_thresh,
+                                  kmask_base, start_n, offs_d, full_hi, q_hi, q_lo, q_hi, qk_scale, inv_scale,
+                                  drop_scale, seed, bh, n_groups, p_thresh,
                                   HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, True, HAS_MASK, DROPOUT, DOT_PREC)
     # 3. Padded keys get exactly 0 (their rows were not masked inside the loop).
     dk = tl.where(k_ok[:, None], dk * sm_scale, 0.0)
@@ -613,7 +630,12 @@ class KernelConfig:
 # --all-variants` under each). sm_90 16-bit, head dims 64 and 128: the fastest spill-free configs of
 # `benchmarks/bench_attention.py --sweep` on an H200 (2026-11-28, bf16, L = 512 and 2048, plain variant;
 # benchmarks/results/2026-11-28-h200-attention-sweep-*.json), reused for the mask / dropout variants where they
-# compile without a spill too (the sweep's fastest dK/dV configs, 4 warps, spill: not taken). Since the session-7
+# compile without a spill too. The sweep's fastest dK/dV configs (4 warps) spilled with the kernel they were
+# timed with; since session 8 (dP^T and the scores accumulate onto -delta and -LSE / scale, dP^T before the dV
+# product) the plain variant fits, and takes them: D=64 (128, 64, 4, 2) (sweep, fwd+bwd at L = 512: 1.151 ms vs
+# 1.279 for the old (64, 128, 8, 3); with 692 spilled bytes then, none now), D=128 (64, 32, 4, 2) (1.458 vs 1.651
+# ms for the old (64, 64, 8, 2); a 32-key tile is too short for wgmma, so it runs the sm_80 mma, which the sweep
+# timed faster than every wgmma tile at D=128): timings of the earlier kernel body, so re-sweep. Since the session-7
 # draw layout, dQ D=128's dropout variant compiles spill-free with (64, 64, 4, 3) and takes it (static count,
 # triton 3.6: 0.60 vs 1.22 instructions per element with (64, 64, 8, 2)); dK/dV D=64's does with (64, 128, 8, 3)
 # too, but under 3.6 it issues more integer work per element than (32, 128, 8, 2): left for a timed sweep. The
@@ -630,8 +652,8 @@ _CONFIG_TABLE: dict[tuple[int, bool, str], dict[int, tuple[tuple[int, int, int, 
     (90, True, "dkdv"): {
         16: ((64, 128, 8, 2), (64, 128, 8, 2), (64, 128, 8, 2)),
         32: ((64, 128, 8, 2), (64, 128, 8, 2), (64, 128, 8, 2)),
-        64: ((64, 128, 8, 3), (64, 128, 8, 3), (32, 128, 8, 2)),
-        128: ((64, 64, 8, 2), (32, 64, 8, 2), (32, 64, 8, 2)),
+        64: ((128, 64, 4, 2), (64, 128, 8, 3), (32, 128, 8, 2)),
+        128: ((64, 32, 4, 2), (32, 64, 8, 2), (32, 64, 8, 2)),
     },
     (90, True, "dq"): {
         16: ((128, 64, 8, 2), (128, 64, 8, 2), (128, 64, 8, 2)),
@@ -669,7 +691,7 @@ _CONFIG_TABLE: dict[tuple[int, bool, str], dict[int, tuple[tuple[int, int, int, 
         16: ((64, 128, 8, 2), (64, 128, 8, 2), (32, 128, 8, 2)),
         32: ((32, 128, 8, 2), (64, 128, 8, 2), (32, 128, 8, 2)),
         64: ((16, 128, 8, 2), (32, 128, 8, 2), (16, 64, 4, 2)),
-        128: ((64, 64, 8, 2), (32, 64, 8, 2), (16, 32, 4, 1)),
+        128: ((64, 64, 8, 2), (32, 32, 8, 2), (16, 32, 4, 1)),
     },
     (80, True, "dq"): {
         16: ((128, 64, 8, 2), (128, 64, 8, 2), (128, 64, 8, 2)),

@@ -46,11 +46,16 @@ class Result:
     mma: str = "-"  # the matrix instruction in the PTX: wgmma (Hopper), mma (sm_80 style), or none
     seconds: float = 0.0
     error: Optional[str] = None
+    mma_rows: Optional[int] = None  # the M dimension of the kernel's products (dkdv: BLOCK_N; fwd, dq: BLOCK_M)
 
     def needs_wgmma(self) -> bool:
-        """16-bit matrix kernels on sm_90 must use warpgroup MMA: the sm_80 instruction caps them far below
-        Hopper's peak (a config with BLOCK_M < 64 per warpgroup silently falls back to it)."""
-        return self.arch >= 90 and self.dtype in ("fp16", "bf16") and self.kernel != "pre"
+        """16-bit matrix kernels on sm_90 must use warpgroup MMA when their tile allows it (M >= 64, wgmma's
+        height): the sm_80 instruction caps them far below Hopper's peak, and Triton falls back to it silently.
+        A tile with M < 64 cannot use wgmma; such a config is in the table only where the H200 sweep timed it
+        faster than every wgmma one (dK/dV at D = 128: 64x32 w4, 1.458 ms fwd+bwd vs 1.503 for the best wgmma
+        tile, L = 512), so it passes."""
+        return (self.arch >= 90 and self.dtype in ("fp16", "bf16") and self.kernel != "pre"
+                and (self.mma_rows is None or self.mma_rows >= 64))
 
     def ok(self) -> bool:
         return (self.error is None and not self.spill_bytes
@@ -256,6 +261,8 @@ def _run_job(i: int) -> Result:
     arch, dtype_name, hd, (kind, fn, sig, cx, opts, var, cfg) = _JOBS[i]
     cfg_label = "-" if cfg is None else f"{cfg.block_m}x{cfg.block_n} w{cfg.num_warps} s{cfg.num_stages}"
     r = Result(kind, hd, _DTYPE_NAME.get(dtype_name, dtype_name), arch, var, cfg_label)
+    if cfg is not None and kind in ("fwd", "dq", "dkdv"):
+        r.mma_rows = cfg.block_n if kind == "dkdv" else cfg.block_m
     t0 = time.perf_counter()
     try:
         compiled = _compile(fn, sig, cx, opts, arch)

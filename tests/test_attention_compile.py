@@ -74,3 +74,20 @@ def test_sass_tool_rejects_a_bad_config():
         proc = subprocess.run([sys.executable, "-m", "mlmfast.kernels.sass", "--config", bad], env=env,
                               capture_output=True, text=True, timeout=120)
         assert proc.returncode == 2 and f"--config '{bad}': expected KIND=BM,BN,W,S" in proc.stderr, proc.stderr
+
+
+def test_wgmma_rule_exempts_only_tiles_too_short_for_it():
+    """A 16-bit sm_90 kernel compiled to the sm_80 `mma` fails the check unless its products' M dimension is
+    below wgmma's 64 rows (dK/dV: BLOCK_N keys; fwd, dQ: BLOCK_M query rows), where Hopper has no wgmma for it."""
+    from mlmfast.kernels.compile_check import Result
+
+    def result(kernel, mma, rows, dtype="bf16", arch=90):
+        return Result(kernel, 128, dtype, arch, "-,-", "-", regs=177, spill_bytes=0, smem=53248, mma=mma,
+                      mma_rows=rows)
+
+    assert result("dkdv", "mma", 32).ok()  # a 32-key tile: no wgmma shape exists
+    assert not result("dkdv", "mma", 64).ok()  # wgmma was possible: a silent fallback fails
+    assert not result("fwd", "mma", 128).ok()
+    assert result("fwd", "wgmma", 128).ok()
+    assert result("dq", "mma", 64, dtype="fp32").ok()  # fp32 (TF32) and sm_80 are not held to it
+    assert result("dq", "mma", 64, arch=80).ok()
