@@ -4,6 +4,8 @@
     python benchmarks/bench_attention.py --padding none half --out benchmarks/results/attention-$(date +%F).json
     python benchmarks/bench_attention.py --L 512 --D 64 --sweep   # try launch configs, print the best per kernel
     python benchmarks/bench_attention.py --L 512 --D 64 --sweep --dropout 0.1 --out sweep.json   # dropout variant
+    python benchmarks/bench_attention.py --L 512 --D 64 --sweep --candidates dkdv=128,64,4,2 dkdv=64,128,8,3
+                                                                 # an A/B of a few configs, same run
     python benchmarks/bench_attention.py --annotate sweep.json   # + registers / spills per candidate (no GPU):
                                                                  # the fastest spill-free config per kernel
 
@@ -314,6 +316,22 @@ def warm_cache(jobs: list[tuple], workers: int) -> dict:
     return errors
 
 
+def sweep_plan(candidates: Optional[list[str]] = None) -> dict[str, list[tuple[int, int, int, int]]]:
+    """kernel -> the launch configs to time: every SWEEP_CANDIDATE for fwd, dkdv and dq, or only the given
+    "KIND=BM,BN,W,S" ones, in their order (an A/B of a few configs in one run: seconds, not minutes). ValueError
+    for a malformed one."""
+    from mlmfast.kernels.attention import parse_config
+
+    if not candidates:
+        return {kind: list(SWEEP_CANDIDATES) for kind in ("fwd", "dkdv", "dq")}
+    plan: dict[str, list[tuple[int, int, int, int]]] = {}
+    for item in candidates:
+        kind, cfg = parse_config(item)
+        if cfg not in plan.setdefault(kind, []):
+            plan[kind].append(cfg)
+    return plan
+
+
 def sweep(args) -> list[dict]:
     """Time each candidate launch config of each kernel at the first L / D given, with the first --dropout (the
     dropout variant has launch configs of its own); print the fastest. Candidates are compiled first in parallel
@@ -327,19 +345,19 @@ def sweep(args) -> list[dict]:
     D, L = args.D[0], args.L[0]
     p = float(args.dropout[0])
     H, B = max(1, args.hidden // D), max(1, args.tokens // L)
-    kinds = ("fwd", "dkdv", "dq")
+    plan = sweep_plan(getattr(args, "candidates", None))
     t0 = time.perf_counter()
     if args.jobs > 1:
-        jobs = [(kind, c, (B, H, L, D), args.dtype, "cuda", p) for kind in kinds for c in SWEEP_CANDIDATES]
+        jobs = [(kind, c, (B, H, L, D), args.dtype, "cuda", p) for kind, cands in plan.items() for c in cands]
         errors = warm_cache(jobs, args.jobs)
         print(f"sweep: compiled {len(jobs)} candidates in {time.perf_counter() - t0:.0f} s on {args.jobs} processes"
               f" ({len(errors)} failed)", flush=True)
     q, k, v, do = _sweep_inputs(B, H, L, D, dtype, "cuda")
     flops = _flops_fwd(H, D, [L] * B)
     rows = []
-    for kind in kinds:
+    for kind, cands in plan.items():
         results = []
-        for cand in SWEEP_CANDIDATES:
+        for cand in cands:
             c = K.KernelConfig(*cand)
             orig = _with_config(K, kind, c)
             try:
@@ -421,6 +439,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--providers", nargs="*", default=None, help="subset of mlmfast sdpa eager flash-attn")
     ap.add_argument("--eager-max-bytes", type=float, default=16e9, help="skip eager when B*H*L*L*4 exceeds this")
     ap.add_argument("--sweep", action="store_true", help="time launch configs of each kernel (GPU)")
+    ap.add_argument("--candidates", nargs="+", default=None, metavar="KIND=BM,BN,W,S",
+                    help="--sweep: time only these launch configs (e.g. dkdv=128,64,4,2 dkdv=64,128,8,3: an A/B)")
     ap.add_argument("--jobs", type=int, default=min(16, os.cpu_count() or 1),
                     help="--sweep: compile the candidates in this many processes first (1: as it goes)")
     ap.add_argument("--cpu-reference", action="store_true",
@@ -429,6 +449,13 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--annotate", default=None, metavar="SWEEP_JSON",
                     help="add registers / spills (sm_90, this machine's triton, no GPU) to a --sweep JSON")
     args = ap.parse_args(argv)
+    if args.candidates is not None:
+        if not args.sweep:
+            ap.error("--candidates selects the configs of --sweep: add --sweep")
+        try:
+            sweep_plan(args.candidates)
+        except ValueError as exc:
+            ap.error(f"--candidates {exc}")
     if args.annotate:
         from mlmfast.kernels.compile_check import rerun_without_interpreter
 

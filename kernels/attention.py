@@ -728,6 +728,21 @@ _CONFIG_TABLE: dict[tuple[int, bool, str], dict[int, tuple[tuple[int, int, int, 
 _PRE_CONFIG = KernelConfig(64, 16, 4, 1)  # delta = rowsum(O o dO): BLOCK_M rows per program
 
 
+def parse_config(item: str) -> tuple[str, tuple[int, int, int, int]]:
+    """"KIND=BM,BN,W,S" (a command-line launch config, e.g. "dkdv=128,64,4,2") -> (kind, (BM, BN, W, S)); a
+    ValueError that says what is expected otherwise. KIND is fwd, dq or dkdv; BM, BN are multiples of 16 (the
+    dropout draw layout's tile unit)."""
+    kind, _, spec = item.partition("=")
+    try:
+        cfg = tuple(int(x) for x in spec.split(","))
+    except ValueError:
+        cfg = ()
+    if kind not in ("fwd", "dq", "dkdv") or len(cfg) != 4 or cfg[0] % 16 or cfg[1] % 16 or min(cfg) < 1:
+        raise ValueError(f"{item!r}: expected KIND=BM,BN,W,S with KIND fwd, dq or dkdv and BM, BN multiples of 16, "
+                         "e.g. dkdv=64,128,8,3")
+    return kind, cfg
+
+
 def block_d(head_dim: int) -> int:
     """The power of two >= head_dim (at least 16, the smallest tl.dot size) that the kernels work on."""
     return max(16, triton.next_power_of_2(head_dim))

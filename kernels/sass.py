@@ -179,15 +179,13 @@ def main(argv: Optional[list[str]] = None) -> int:
           "| SM clk / element: tensor, int, fp, mufu |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     configs = {}
+    from .attention import parse_config
+
     for item in args.config:
-        kind, _, spec = item.partition("=")
         try:
-            cfg = tuple(int(x) for x in spec.split(","))
-        except ValueError:
-            cfg = ()
-        if kind not in ("fwd", "dq", "dkdv") or len(cfg) != 4 or cfg[0] % 16 or cfg[1] % 16:
-            ap.error(f"--config {item!r}: expected KIND=BM,BN,W,S with KIND fwd, dq or dkdv and BM, BN multiples "
-                     "of 16, e.g. dkdv=64,128,8,3")
+            kind, cfg = parse_config(item)
+        except ValueError as exc:
+            ap.error(f"--config {exc}")
         configs[kind] = cfg
     for kind in ("fwd", "dq", "dkdv"):
         for dropout in (False, True):

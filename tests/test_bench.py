@@ -399,3 +399,21 @@ def test_hf_accelerated_path_is_the_hf_model_on_the_fast_path():
     a = acc(input_ids=ids, attention_mask=am, labels=labels).loss
     b = ref(input_ids=ids, attention_mask=am, labels=labels).loss
     torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_attention_sweep_candidates_select_an_ab():
+    """bench_attention --sweep --candidates KIND=BM,BN,W,S ...: only those configs, per kernel in the given order
+    (duplicates once); every SWEEP_CANDIDATE without it; a malformed one, or --candidates without --sweep, is one
+    argparse error (exit 2) that says what to write."""
+    ba = _bench("bench_attention")
+    assert ba.sweep_plan(["dkdv=128,64,4,2", "dkdv=64,128,8,3", "fwd=128,64,8,3", "dkdv=128,64,4,2"]) == {
+        "dkdv": [(128, 64, 4, 2), (64, 128, 8, 3)], "fwd": [(128, 64, 8, 3)]}
+    full = ba.sweep_plan(None)
+    assert list(full) == ["fwd", "dkdv", "dq"] and all(v == ba.SWEEP_CANDIDATES for v in full.values())
+    with pytest.raises(ValueError, match="expected KIND=BM,BN,W,S"):
+        ba.sweep_plan(["dkdv=64,120,8,3"])
+    script = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "bench_attention.py")
+    for argv, msg in ((["--sweep", "--candidates", "attn=64,64,4,2"], "--candidates 'attn=64,64,4,2': expected"),
+                      (["--candidates", "dkdv=64,64,4,2"], "--candidates selects the configs of --sweep")):
+        proc = subprocess.run([sys.executable, script, *argv], capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 2 and msg in proc.stderr, proc.stderr
