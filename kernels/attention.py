@@ -37,6 +37,7 @@ kernel path is taken.
 """
 from __future__ import annotations
 
+import functools
 import math
 import os
 from dataclasses import dataclass
@@ -49,7 +50,7 @@ import triton.language as tl
 from mlmfast._checks import _compiling
 from mlmfast.errors import UserError
 
-from ._launch import device_arch, on_device
+from ._launch import cdiv, device_arch, next_power_of_2, on_device
 
 SUPPORTED_HEAD_DIMS = (16, 32, 64, 80, 96, 128)  # compile-checked; any D <= 128 runs (padded to a power of 2)
 MAX_HEAD_DIM = 128
@@ -745,9 +746,10 @@ def parse_config(item: str) -> tuple[str, tuple[int, int, int, int]]:
 
 def block_d(head_dim: int) -> int:
     """The power of two >= head_dim (at least 16, the smallest tl.dot size) that the kernels work on."""
-    return max(16, triton.next_power_of_2(head_dim))
+    return max(16, next_power_of_2(head_dim))
 
 
+@functools.lru_cache(maxsize=None)
 def kernel_config(kind: str, head_dim: int, dtype: torch.dtype, arch: int = 90, has_mask: bool = False,
                   dropout: bool = False) -> KernelConfig:
     """Launch configuration of kernel `kind` ("fwd", "pre", "dkdv", "dq") for a head dim, dtype, arch (80, 90)
@@ -814,7 +816,7 @@ def _dot_precision(dtype: torch.dtype) -> str:
 
 
 def _strides3(x: torch.Tensor) -> tuple[int, int, int]:
-    return x.stride(0), x.stride(1), x.stride(2)
+    return x.stride()[:3]
 
 
 def _mask_seed_args(bounds: torch.Tensor, kmask: Optional[torch.Tensor], seed: Optional[torch.Tensor],
@@ -841,7 +843,7 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bounds:
     dropout = dropout_p > 0.0
     arch = device_arch(q.device)
     cfg = kernel_config("fwd", D, q.dtype, arch, kmask is not None, dropout)
-    grid = (triton.cdiv(L, cfg.block_m) * B * H,)
+    grid = (cdiv(L, cfg.block_m) * B * H,)
     with on_device(q.device):
         _attn_fwd_kernel[grid](
             q, k, v, out, lse, bounds, *_mask_seed_args(bounds, kmask, seed, dropout),
@@ -876,20 +878,20 @@ def attention_backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: to
     with on_device(q.device):
         # 1. delta = rowsum(O o dO)
         cfg = kernel_config("pre", D, q.dtype, arch)
-        _attn_bwd_preprocess_kernel[(triton.cdiv(L, cfg.block_m) * B * H,)](
+        _attn_bwd_preprocess_kernel[(cdiv(L, cfg.block_m) * B * H,)](
             out, do, delta, *_strides3(out), *_strides3(do), H, L,
             HEAD_DIM=D, BLOCK_D=block_d(D), BLOCK_M=cfg.block_m, **launch_options(cfg, arch),
         )
         # 2. dK, dV: one program per key block
         cfg = kernel_config("dkdv", D, q.dtype, arch, kmask is not None, dropout)
-        _attn_bwd_dkdv_kernel[(triton.cdiv(L, cfg.block_n) * B * H,)](
+        _attn_bwd_dkdv_kernel[(cdiv(L, cfg.block_n) * B * H,)](
             q, k, v, do, dk, dv, lse, delta, bounds, kmask_arg, seed_arg,
             *_strides3(q), *_strides3(k), *_strides3(v), *_strides3(do), *_strides3(dk), *_strides3(dv),
             *scalars, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, **common, **launch_options(cfg, arch),
         )
         # 3. dQ: one program per query block
         cfg = kernel_config("dq", D, q.dtype, arch, kmask is not None, dropout)
-        _attn_bwd_dq_kernel[(triton.cdiv(L, cfg.block_m) * B * H,)](
+        _attn_bwd_dq_kernel[(cdiv(L, cfg.block_m) * B * H,)](
             q, k, v, do, dq, lse, delta, bounds, kmask_arg, seed_arg,
             *_strides3(q), *_strides3(k), *_strides3(v), *_strides3(do), *_strides3(dq),
             *scalars, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, **common, **launch_options(cfg, arch),
@@ -905,7 +907,7 @@ def dropout_mask(batch: int, heads: int, seq_len: int, dropout_p: float, seed, d
         return keep.bool()
     seed_t = _seed_tensor(seed, device)
     bm = bn = 32
-    grid = (triton.cdiv(seq_len, bm) * triton.cdiv(seq_len, bn) * batch * heads,)
+    grid = (cdiv(seq_len, bm) * cdiv(seq_len, bn) * batch * heads,)
     with on_device(device):
         _dropout_mask_kernel[grid](keep, seed_t, heads, seq_len, _p_thresh(dropout_p), BLOCK_M=bm, BLOCK_N=bn)
     return keep.bool()

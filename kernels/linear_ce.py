@@ -42,7 +42,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import device_arch, on_device
+from ._launch import cdiv, device_arch, on_device
 
 # Fill outputs with NaN before the kernels write them (tests switch it on; MLMFAST_POISON=1 for debugging).
 POISON_OUTPUTS = os.environ.get("MLMFAST_POISON", "0") == "1"
@@ -327,9 +327,9 @@ def _rows_ready(t: torch.Tensor) -> torch.Tensor:
 def num_splits(n_rows: int, vocab: int, dtype: torch.dtype, device: torch.device, splits: Optional[int] = None) -> int:
     """Vocabulary splits of the forward: enough programs to fill the GPU (about 2 per SM), at most one tile each."""
     cfg = kernel_config("fwd", dtype, device_arch(device))
-    tiles = triton.cdiv(vocab, cfg.block_b)
+    tiles = cdiv(vocab, cfg.block_b)
     if splits is None:
-        splits = triton.cdiv(2 * _num_sms(device), max(1, triton.cdiv(n_rows, cfg.block_a)))
+        splits = cdiv(2 * _num_sms(device), max(1, cdiv(n_rows, cfg.block_a)))
     return max(1, min(int(splits), tiles))
 
 
@@ -349,13 +349,13 @@ def linear_ce_forward(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torc
         return x.new_zeros((), dtype=torch.float32), x.new_zeros((0,), dtype=torch.float32), count
     cfg = kernel_config("fwd", x.dtype, device_arch(x.device))
     S = num_splits(N, V, x.dtype, x.device, splits)
-    v_per_split = triton.cdiv(triton.cdiv(V, S), cfg.block_b) * cfg.block_b
-    S = triton.cdiv(V, v_per_split)
+    v_per_split = cdiv(cdiv(V, S), cfg.block_b) * cfg.block_b
+    S = cdiv(V, v_per_split)
     m = torch.empty((S, N), dtype=torch.float32, device=x.device)
     s = torch.empty_like(m)
     t = torch.empty_like(m)
     _poison(m, s, t)
-    grid = (triton.cdiv(N, cfg.block_a), S)
+    grid = (cdiv(N, cfg.block_a), S)
     with on_device(x.device):
         _lce_fwd_kernel[grid](
             x, weight, bias if bias is not None else weight, labels, n_act, m, s, t,
@@ -411,32 +411,32 @@ def linear_ce_backward(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor
     # then 16-byte aligned at any V (BERT's 30522, RoBERTa's 50265), so dx / dW read whole tiles with vector
     # (cp.async) loads and no V mask; the dlogits kernel writes zeros in the padding.
     pad = max(128, c_lg.block_b, c_dx.block_k, c_dw.block_a)
-    dlog = torch.empty((C, triton.cdiv(V, pad) * pad), dtype=x.dtype, device=x.device)
-    db_part = torch.empty((triton.cdiv(C, c_lg.block_a), V), dtype=torch.float32, device=x.device) \
+    dlog = torch.empty((C, cdiv(V, pad) * pad), dtype=x.dtype, device=x.device)
+    db_part = torch.empty((cdiv(C, c_lg.block_a), V), dtype=torch.float32, device=x.device) \
         if bias is not None else dw
     _poison(dx, dw, dlog, db_part)
     with on_device(x.device):
         for i, row0 in enumerate(range(0, N, C)):
             c = min(C, N - row0)
             # 1. dlogits of the chunk's live rows
-            _lce_bwd_dlogits_kernel[(triton.cdiv(c, c_lg.block_a), triton.cdiv(dlog.shape[1], c_lg.block_b))](
+            _lce_bwd_dlogits_kernel[(cdiv(c, c_lg.block_a), cdiv(dlog.shape[1], c_lg.block_b))](
                 x, weight, bias if bias is not None else weight, labels, n_act, lse, scale, dlog, db_part,
                 x.stride(0), weight.stride(0), dlog.stride(0), row0, c, N, V, H, ignore_index,
                 BLOCK_M=c_lg.block_a, BLOCK_V=c_lg.block_b, BLOCK_K=c_lg.block_k, HAS_BIAS=bias is not None,
                 DOT_PREC=prec, num_warps=c_lg.num_warps, num_stages=c_lg.num_stages,
             )
             # 2. dx of the chunk's rows
-            _lce_bwd_dx_kernel[(triton.cdiv(c, c_dx.block_a), triton.cdiv(H, c_dx.block_b))](
+            _lce_bwd_dx_kernel[(cdiv(c, c_dx.block_a), cdiv(H, c_dx.block_b))](
                 dlog, weight, dx, n_act, dlog.stride(0), weight.stride(0), dx.stride(0), row0, c, N, V, H,
                 BLOCK_M=c_dx.block_a, BLOCK_H=c_dx.block_b, BLOCK_V=c_dx.block_k, DOT_PREC=prec,
                 num_warps=c_dx.num_warps, num_stages=c_dx.num_stages,
             )
             # 3. dW accumulated in fp32 over the chunks, in chunk order; db from the row tiles' column sums
-            _lce_bwd_dw_kernel[(triton.cdiv(V, c_dw.block_a), triton.cdiv(H, c_dw.block_b))](
+            _lce_bwd_dw_kernel[(cdiv(V, c_dw.block_a), cdiv(H, c_dw.block_b))](
                 dlog, x, dw, n_act, dlog.stride(0), x.stride(0), row0, c, N, V, H,
                 ACCUMULATE=i > 0, BLOCK_V=c_dw.block_a, BLOCK_H=c_dw.block_b, BLOCK_M=c_dw.block_k, DOT_PREC=prec,
                 num_warps=c_dw.num_warps, num_stages=c_dw.num_stages,
             )
             if db is not None:
-                db += db_part[: triton.cdiv(c, c_lg.block_a)].sum(dim=0)
+                db += db_part[: cdiv(c, c_lg.block_a)].sum(dim=0)
     return dx, dw.to(weight.dtype), None if db is None else db.to(bias.dtype)

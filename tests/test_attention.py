@@ -627,3 +627,20 @@ def test_row_offsets_that_would_overflow_int32_are_copied():
     assert K._alloc_like(blhd).is_contiguous()
     small = torch.empty((1, 512, 12, 64), device="meta").transpose(1, 2)
     assert K._is_blhd(K._alloc_like(small))
+
+
+def test_host_launch_helpers_equal_tritons():
+    """cdiv / next_power_of_2 / block_d on plain ints (triton's are ConstexprFunctions: 1-3 us a call on the
+    host, several calls per launch) agree with triton's own; kernel_config is cached per argument tuple."""
+    import triton
+
+    from mlmfast.kernels import _launch
+    from mlmfast.kernels import attention as K
+
+    for a in range(0, 300):
+        for b in (1, 3, 16, 64, 128):
+            assert _launch.cdiv(a, b) == triton.cdiv(a, b), (a, b)
+    for n in range(1, 1025):
+        assert _launch.next_power_of_2(n) == triton.next_power_of_2(n), n
+    assert [K.block_d(d) for d in (1, 16, 17, 64, 80, 96, 128)] == [16, 16, 32, 64, 128, 128, 128]
+    assert K.kernel_config("dkdv", 64, torch.bfloat16, 90) is K.kernel_config("dkdv", 64, torch.bfloat16, 90)
